@@ -1,0 +1,25 @@
+"""MLP block: [Dense -> (BatchNorm) -> activation -> (Dropout)] x len(hidden), optional output layer."""
+from __future__ import annotations
+
+from zoo_tf.layers.base import BatchNorm, Dense, Dropout, Module, activation
+
+
+class MLP(Module):
+    def __init__(self, in_dim: int, hidden=(400, 400, 400), act: str = "relu", dropout: float = 0.0,
+                 batch_norm: bool = False, out_dim: int | None = None):
+        super().__init__()
+        self._act = activation(act)
+        dims = [in_dim, *hidden]
+        self.layers = [Dense(a, b) for a, b in zip(dims[:-1], dims[1:])]
+        self.norms = [BatchNorm(b) for b in hidden] if batch_norm else None
+        self.drop = Dropout(dropout)
+        self.out = Dense(dims[-1], out_dim) if out_dim else None
+        self.out_dim = out_dim or dims[-1]
+
+    def __call__(self, x, training=False):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.norms is not None:
+                x = self.norms[i](x, training=training)
+            x = self.drop(self._act(x), training=training)
+        return self.out(x) if self.out is not None else x

@@ -1,0 +1,77 @@
+"""PyTorch loader over the shared LMDB store: same rows, same order as zoo_tf.data.batches."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from common.batching import iter_packed, num_batches, open_dataset, unpack
+
+
+class Batches:
+    """Iterable of ``{field: tensor, "label": tensor}`` dicts with background prefetch.
+
+    Each ``iter()`` is one pass (epoch ``epoch``); call ``set_epoch(e)`` to change
+    the shuffle order between passes, as with DistributedSampler.
+    """
+
+    def __init__(self, dataset_dir, split="train", batch_size=4096, shuffle=True, seed=0, rank=0,
+                 world_size=1, drop_last=False, epoch=0, start_batch=0, prefetch=4):
+        self.schema, self.store = open_dataset(dataset_dir)
+        self.kw = dict(split=split, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                       world_size=world_size, drop_last=drop_last)
+        self.epoch, self.start_batch, self.prefetch = epoch, start_batch, prefetch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        rows = self.store.rows(self.kw["split"])
+        return num_batches(rows, self.kw["batch_size"], self.kw["drop_last"]) - self.start_batch
+
+    def _gen(self):
+        for packed in iter_packed(self.store, epoch=self.epoch, start_batch=self.start_batch, **self.kw):
+            yield unpack(self.schema, packed, torch.from_numpy)
+
+    def __iter__(self):
+        if not self.prefetch:
+            yield from self._gen()
+            return
+        q: queue.Queue = queue.Queue(self.prefetch)
+        done = object()
+        stop = threading.Event()
+
+        def work():
+            try:
+                for b in self._gen():
+                    if stop.is_set():
+                        return
+                    q.put(b)
+                q.put(done)
+            except BaseException as exc:  # forwarded to the consumer
+                q.put(exc)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(0.01)
+
+
+def batches(dataset_dir, split="train", batch_size=4096, shuffle=True, seed=0, rank=0, world_size=1,
+            drop_last=False, epoch=0, start_batch=0, prefetch=4) -> Batches:
+    return Batches(dataset_dir, split, batch_size, shuffle, seed, rank, world_size, drop_last, epoch,
+                   start_batch, prefetch)
