@@ -172,6 +172,31 @@ class StoreWriter:
 
 
 _VERIFIED: dict[tuple, bool] = {}
+_ENVS: dict[str, tuple[tuple, object]] = {}
+
+
+def _open_env(path: str):
+    """One shared read-only environment per store file and process.
+
+    LMDB refuses to open the same environment twice in one process, so every
+    Store (and every loader) of the same dataset shares it.  A store replaced on
+    disk (new inode / mtime) gets a fresh environment.
+    """
+    lmdb = _lmdb()
+    real = os.path.realpath(path)
+    st = os.stat(os.path.join(real, "data.mdb"))
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _ENVS.get(real)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if hit is not None:
+        try:
+            hit[1].close()
+        except lmdb.Error:
+            pass
+    env = lmdb.open(real, readonly=True, lock=False, subdir=True, readahead=False, max_readers=512)
+    _ENVS[real] = (key, env)
+    return env
 
 
 class Store:
@@ -184,7 +209,7 @@ class Store:
             raise StoreError("no LMDB store (store/data.mdb missing): not a dataset directory", path=dataset_dir)
         lmdb = _lmdb()
         try:
-            self.env = lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False, max_readers=512)
+            self.env = _open_env(path)
             with self.env.begin(buffers=False) as txn:
                 raw = txn.get(META_KEY)
         except lmdb.Error as exc:
@@ -273,4 +298,4 @@ class Store:
                 np.zeros((0, s.width), s.dtype) for s in self.layout}
 
     def close(self) -> None:
-        self.env.close()
+        """Environments are shared per process (see _open_env); nothing to release per Store."""
