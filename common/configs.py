@@ -89,6 +89,28 @@ class AutoIntPlusConfig(AutoIntConfig):
     mlp: tuple[int, ...] = (400, 400, 400)
 
 
+@dataclass
+class NASRecConfig(ModelConfig):
+    # a NASRec subnet: path to a subnet JSON file, a dict or a JSON string (common.nas_space.SubnetConfig);
+    # "" = common.nas_space.default_subnet()
+    supernet_config: Any = ""
+
+
+@dataclass
+class BiasedMFConfig(ModelConfig):
+    embed_size: int = 64            # AutoLossGen (SIGIR'22) recommender settings
+    embedding_init_std: float = 0.1
+
+
+@dataclass
+class DeepModelConfig(MLPConfig):
+    embed_size: int = 64
+    embedding_init_std: float = 0.1
+    mlp: tuple[int, ...] = (64, 16)
+    batch_norm: bool = True
+    dropout: float = 0.2
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
@@ -114,6 +136,9 @@ register("AFM", "afm", config=AFMConfig)
 register("xDeepFM", "xdeepfm", config=xDeepFMConfig)
 register("AutoInt", "autoint", config=AutoIntConfig)
 register("AutoIntPlus", "autoint", config=AutoIntPlusConfig)
+register("NASRec", "nasrec", config=NASRecConfig)
+register("BiasedMF", "biasedmf", config=BiasedMFConfig)
+register("DeepModel", "deepmodel", config=DeepModelConfig)
 
 
 def model_entry(name: str) -> ModelEntry:
