@@ -1,0 +1,53 @@
+"""AutoInt and AutoInt+ (Song et al., CIKM 2019): stacked multi-head self-attention over the fields.
+
+    e^(0)_m   = e_m                                              field embeddings [B, F, d]
+    alpha^h_{m,k} = exp(<W_Q^h e_m, W_K^h e_k>) / sum_k' exp(<W_Q^h e_m, W_K^h e_k'>)
+    e~_m      = [ sum_k alpha^1_{m,k} W_V^1 e_k ; ... ; sum_k alpha^H_{m,k} W_V^H e_k ]
+    e^(l)_m   = ReLU( e~_m + W_Res e^(l-1)_m )                   l = 1..``attention_layers``
+    y_AutoInt = w^T [e^(L)_1; ...; e^(L)_F] + b                  (output layer over the flattened fields)
+    y_AutoInt+ = y_AutoInt + MLP([e_1; ...; e_F])               (DNN over the flattened embeddings)
+
+H = ``num_heads``, d' = ``attention_dim`` per head, ``use_residual`` toggles W_Res.
+No first-order (linear) term: the paper's output layer is the logistic regression above, and
+FuxiCTR's AutoInt leaves its optional wide part off by default (``use_wide=False``).
+AutoInt builds the DNN branch only when ``mlp`` is non-empty (so AutoInt with ``mlp`` set is
+AutoInt+); AutoIntPlus requires it.
+"""
+import tensorflow as tf
+
+from zoo_tf.layers.attention import MultiHeadSelfAttention
+from zoo_tf.layers.base import Dense
+from zoo_tf.layers.blocks import MLP
+from zoo_tf.models.base import CTRModel
+
+
+class AutoInt(CTRModel):
+    def __init__(self, schema, config):
+        super().__init__(schema, config)
+        c = config
+        f = schema.num_fields
+        dims = [c.embed_size] + [c.num_heads * c.attention_dim] * c.attention_layers
+        self.embedding = self.make_embedding()
+        self.attention = [MultiHeadSelfAttention(a, c.attention_dim, c.num_heads, c.use_residual)
+                          for a in dims[:-1]]
+        self.out = Dense(f * dims[-1], 1)
+        self.dnn = MLP(f * c.embed_size, c.mlp, c.activation, c.dropout, c.batch_norm, out_dim=1) if c.mlp else None
+
+    def __call__(self, batch, training=False):
+        e = self.embedding(batch)
+        x = e
+        for layer in self.attention:
+            x = layer(x)
+        y = tf.squeeze(self.out(tf.reshape(x, [-1, x.shape[1] * x.shape[2]])), -1)
+        if self.dnn is not None:
+            y = y + tf.squeeze(self.dnn(tf.reshape(e, [-1, e.shape[1] * e.shape[2]]), training=training), -1)
+        return y
+
+
+class AutoIntPlus(AutoInt):
+    """AutoInt+ = AutoInt + a DNN over the flattened embeddings, summed into the logit."""
+
+    def __init__(self, schema, config):
+        if not config.mlp:
+            raise ValueError("AutoIntPlus needs a DNN: set mlp to a non-empty tuple (or use AutoInt)")
+        super().__init__(schema, config)
