@@ -94,6 +94,7 @@ class NASRecConfig(ModelConfig):
     # a NASRec subnet: path to a subnet JSON file, a dict or a JSON string (common.nas_space.SubnetConfig);
     # "" = common.nas_space.default_subnet()
     supernet_config: Any = ""
+    activation: str = "relu"        # of the FC / EFC ops and the attention feed-forward (NASRec: relu)
 
 
 @dataclass
