@@ -9,6 +9,11 @@ import torch
 from common.batching import iter_packed, num_batches, open_dataset, unpack
 
 
+def _tensor(a):
+    # LMDB-backed arrays are read-only views; torch wants writable memory
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 class Batches:
     """Iterable of ``{field: tensor, "label": tensor}`` dicts with background prefetch.
 
@@ -32,7 +37,7 @@ class Batches:
 
     def _gen(self):
         for packed in iter_packed(self.store, epoch=self.epoch, start_batch=self.start_batch, **self.kw):
-            yield unpack(self.schema, packed, torch.from_numpy)
+            yield unpack(self.schema, packed, _tensor)
 
     def __iter__(self):
         if not self.prefetch:
