@@ -156,6 +156,8 @@ class StoreWriter:
         for split in list(self._pending):
             if self._pending_rows.get(split, 0):
                 self._flush(split, self._pending_rows[split])
+        for split in SPLITS:  # every split is present, possibly empty
+            self.splits.setdefault(split, {"rows": 0, "chunk_rows": [], "crc32": []})
         meta = {
             "format": "ctr-zoo-lmdb",
             "format_version": FORMAT_VERSION,
