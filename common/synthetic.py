@@ -72,6 +72,27 @@ DEFAULT_DATASET = dict(
 
 CALIBRATION_ROWS = 50_000
 
+# Knobs of the planted click model (PlantedModel / write_synthetic keyword arguments).
+MODEL_OPTIONS = dict(
+    zipf_exponent=1.2,          # P(rank k) ~ k^-s per categorical field (scalar or one per field)
+    latent_rank=4,              # r of the planted pairwise (FM) latent vectors
+    effects=None,               # std of each logit term, default DEFAULT_EFFECTS
+    missing_rate=None,          # per categorical field (scalar or list); None = Criteo-like random
+    numeric_missing_rate=None,  # per numeric field; None = random
+    card_ref=2000.0,            # first-order strength of a field ~ (1 + K/card_ref)^-card_damping
+    card_damping=0.3,
+    pair_card_ref=100.0,        # pairwise strength of a field ~ (1 + K/pair_card_ref)^-pair_card_damping
+    pair_card_damping=0.5,
+    rank_ref=100.0,             # an id's effects ~ (1 + (rank-1)/rank_ref)^-rank_damping
+    rank_damping=0.5,
+    n_triples=4,                # third-order crosses over moderate-cardinality fields
+    mlp_fields=6,               # categorical fields read by the random MLP term
+    mlp_numeric=3,              # numeric fields read by it
+    mlp_dim=4,                  # per-id embedding size read by it
+    mlp_hidden=16,
+    table_size=1 << 16,         # max parameter rows per field; ids beyond share hashed tail rows
+)
+
 
 # ----------------------------------------------------------------------------------------------
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -103,12 +124,19 @@ class PlantedModel:
     ``prob`` from a batch's stored features.
     """
 
-    def __init__(self, cardinalities, n_numeric: int = 13, seed: int = 0, base_ctr: float = 0.25,
-                 zipf_exponent=1.2, latent_rank: int = 4, effects: dict | None = None, missing_rate=None,
-                 numeric_missing_rate=None, card_ref: float = 2000.0, card_damping: float = 0.3,
-                 pair_card_ref: float = 100.0, pair_card_damping: float = 0.5, rank_ref: float = 100.0,
-                 rank_damping: float = 0.5, n_triples: int = 4, mlp_fields: int = 6, mlp_numeric: int = 3,
-                 mlp_dim: int = 4, mlp_hidden: int = 16, table_size: int = 1 << 16):
+    def __init__(self, cardinalities, n_numeric: int = 13, seed: int = 0, base_ctr: float = 0.25, **options):
+        unknown = sorted(set(options) - set(MODEL_OPTIONS))
+        if unknown:
+            raise UserError(f"unknown synthetic option(s) {unknown}; known: {sorted(MODEL_OPTIONS)}")
+        o = {**MODEL_OPTIONS, **options}
+        self.options = o
+        zipf_exponent, latent_rank, effects = o["zipf_exponent"], o["latent_rank"], o["effects"]
+        missing_rate, numeric_missing_rate = o["missing_rate"], o["numeric_missing_rate"]
+        card_ref, card_damping = float(o["card_ref"]), float(o["card_damping"])
+        pair_card_ref, pair_card_damping = float(o["pair_card_ref"]), float(o["pair_card_damping"])
+        rank_ref, rank_damping = float(o["rank_ref"]), float(o["rank_damping"])
+        n_triples, mlp_fields, mlp_numeric = o["n_triples"], o["mlp_fields"], o["mlp_numeric"]
+        mlp_dim, mlp_hidden, table_size = o["mlp_dim"], o["mlp_hidden"], int(o["table_size"])
         self.card = [int(k) for k in cardinalities]
         if any(k < 1 for k in self.card):
             raise UserError("cardinalities must be >= 1")
@@ -341,6 +369,16 @@ class PlantedModel:
 
 
 # ----------------------------------------------------------------------------------------------
+def _jsonable(v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if np.isscalar(v):
+        return v.item() if hasattr(v, "item") else v
+    return [_jsonable(x) for x in v]
+
+
 def _split_rows(rows: int, split) -> dict[str, int]:
     fr = [float(x) for x in split]
     if len(fr) != 3 or any(x < 0 for x in fr) or sum(fr) <= 0:
@@ -355,16 +393,17 @@ def _split_rows(rows: int, split) -> dict[str, int]:
 def write_synthetic(output_dir: str, rows: int = 1_000_000, seed: int = 0, split=(0.8, 0.1, 0.1),
                     base_ctr: float = 0.25, cardinalities=None, n_numeric: int = 13, n_categorical: int = 26,
                     chunk_rows: int = 4096, progress: bool = True, overwrite: bool = False,
-                    zipf_exponent=1.2, latent_rank: int = 4, effects: dict | None = None,
-                    missing_rate=None, numeric_missing_rate=None, card_ref: float = 2000.0,
-                    card_damping: float = 0.3, pair_card_ref: float = 100.0, pair_card_damping: float = 0.5,
-                    rank_ref: float = 100.0, rank_damping: float = 0.5,
-                    n_triples: int = 4, table_size: int = 1 << 16,
-                    name: str = "synthetic") -> Schema:
+                    name: str = "synthetic", **model_options) -> Schema:
     """Write a planted synthetic dataset directory (schema.json, store/ with ``prob``, truth.json).
 
-    ``cardinalities``: ids per categorical field (default: Criteo's, capped at 10^6,
-    cycled to ``n_categorical``).  See the module docstring for the click model.
+    ``rows`` are cut into train/valid/test by the ``split`` fractions (normalised
+    to sum 1, so absolute counts work too).  ``cardinalities``: ids per
+    categorical field (default: Criteo's, capped at 10^6, cycled to
+    ``n_categorical``).  ``model_options`` are the knobs of :class:`PlantedModel`
+    (``zipf_exponent``, ``latent_rank``, ``effects``, ``missing_rate``,
+    ``rank_ref`` ...).  All settings are recorded in ``schema.settings`` and in
+    ``truth.json``.  Raises FileExistsError if ``output_dir`` exists and not
+    ``overwrite``; the directory appears complete or not at all.
     """
     rows = int(rows)
     if rows < 1:
@@ -376,25 +415,20 @@ def write_synthetic(output_dir: str, rows: int = 1_000_000, seed: int = 0, split
         if n_categorical != 26:   # explicitly asked for a different count than given
             raise UserError(f"cardinalities has {len(cardinalities)} values but n_categorical={n_categorical}")
         n_categorical = len(cardinalities)
+    unknown = sorted(set(model_options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise UserError(f"unknown synthetic option(s) {unknown}; known: {sorted(MODEL_OPTIONS)}")
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists (pass overwrite=True to replace it)")
     splits = _split_rows(rows, split)
 
+    opts = {**MODEL_OPTIONS, **model_options}
+    opts["effects"] = {**DEFAULT_EFFECTS, **(opts["effects"] or {})}
     settings = dict(generator="common.synthetic", generator_version=GENERATOR_VERSION, rows=rows, seed=int(seed),
                     split=[float(x) for x in split], base_ctr=float(base_ctr), cardinalities=cardinalities,
-                    n_numeric=int(n_numeric), n_categorical=int(n_categorical),
-                    zipf_exponent=zipf_exponent if np.isscalar(zipf_exponent) else list(zipf_exponent),
-                    latent_rank=int(latent_rank), effects={**DEFAULT_EFFECTS, **(effects or {})},
-                    missing_rate=None if missing_rate is None else
-                    (missing_rate if np.isscalar(missing_rate) else list(missing_rate)),
-                    numeric_missing_rate=None if numeric_missing_rate is None else
-                    (numeric_missing_rate if np.isscalar(numeric_missing_rate) else list(numeric_missing_rate)),
-                    card_ref=float(card_ref), card_damping=float(card_damping),
-                    pair_card_ref=float(pair_card_ref), pair_card_damping=float(pair_card_damping),
-                    rank_ref=float(rank_ref),
-                    rank_damping=float(rank_damping), n_triples=int(n_triples),
-                    table_size=int(table_size), block_rows=BLOCK_ROWS)
+                    n_numeric=int(n_numeric), n_categorical=int(n_categorical), block_rows=BLOCK_ROWS,
+                    **{k: _jsonable(v) for k, v in opts.items()})
     model = planted_model(settings)
 
     fields = [Field(f"C{i + 1}", "categorical", vocab_size=k + 2, source=f"C{i + 1}",
@@ -455,15 +489,10 @@ def _split_truth(p: np.ndarray, y: np.ndarray) -> dict:
             "mean_prob": float(p.astype(np.float64).mean()) if n else float("nan")}
 
 
-_MODEL_KEYS = ("cardinalities", "n_numeric", "seed", "base_ctr", "zipf_exponent", "latent_rank", "effects",
-               "missing_rate", "numeric_missing_rate", "card_ref", "card_damping", "pair_card_ref", "pair_card_damping",
-               "rank_ref", "rank_damping", "n_triples",
-               "table_size")
-
-
 def planted_model(settings: dict) -> PlantedModel:
     """The :class:`PlantedModel` of a dataset's ``schema.settings`` (or truth.json ``settings``)."""
-    return PlantedModel(**{k: settings[k] for k in _MODEL_KEYS if k in settings})
+    keys = ("cardinalities", "n_numeric", "seed", "base_ctr") + tuple(MODEL_OPTIONS)
+    return PlantedModel(**{k: settings[k] for k in keys if k in settings})
 
 
 def load_truth(dataset_dir: str) -> dict:

@@ -307,6 +307,31 @@ def test_tf_state_dict_resumes_exactly(case):
             assert np.array_equal(v, b.slots()[n][s]), (n, s)
 
 
+@pytest.mark.parametrize("case", ["LazyAdam", "SGD-momentum"])
+def test_state_dict_moves_between_backends(case):
+    """torch state_dict -> TF load_state_dict (and back): training continues on the other backend."""
+    cfg = OptimizerConfig(**CASES[case])
+    grads = gradient_stream(6)
+    tr = TorchRun(cfg, initial_weights())
+    for g in grads[:3]:
+        tr.step(g)
+    fr = TFRun(OptimizerConfig(**CASES[case]), initial_weights(seed=7))
+    zoo_tf.set_weights(fr.model, tr.weights())
+    fr.opt.load_state_dict(tr.opt.state_dict())
+    assert fr.opt.num_steps == 3
+    tr2 = TorchRun(OptimizerConfig(**CASES[case]), initial_weights(seed=8))
+    for g in grads[3:]:
+        tr.step(g)
+        fr.step(g)
+    zoo_torch.set_weights(tr2.model, fr.weights())
+    tr2.opt.load_state_dict(fr.opt.state_dict())
+    assert tr2.opt.num_steps == 6
+    for n in SHAPES:
+        np.testing.assert_allclose(fr.weights()[n], tr.weights()[n], rtol=1e-5, atol=1e-6)
+        for s in cfg.slot_names():
+            np.testing.assert_allclose(tr2.slots()[n][s], tr.slots()[n][s], rtol=1e-5, atol=1e-6)
+
+
 def test_tf_checkpoint_of_optimizer_variables(tmp_path):
     cfg = OptimizerConfig(**CASES["LazyAdam"])
     grads = gradient_stream(5)

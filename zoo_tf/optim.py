@@ -27,8 +27,6 @@ the replica's own copies (all replicas apply the same all-reduced gradients).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
@@ -44,6 +42,11 @@ def _h(v):
 
 def _gather(v, idx):
     return _RAW.ResourceGather(resource=_h(v), indices=idx, dtype=v.dtype)
+
+
+def _scatter_sub_unique(v, idx, upd):
+    """``v[idx] -= upd`` for UNIQUE ``idx``: gather + ScatterUpdate (ResourceScatterSub is ~5x slower on CPU)."""
+    _RAW.ResourceScatterUpdate(resource=_h(v), indices=idx, updates=_gather(v, idx) - upd)
 
 
 def _dedup(g: tf.IndexedSlices):
@@ -175,12 +178,12 @@ class Optimizer:
             _RAW.ResourceScatterUpdate(resource=_h(sl["m"]), indices=idx, updates=m_r)
             _RAW.ResourceScatterUpdate(resource=_h(sl["v"]), indices=idx, updates=v_r)
             upd = ctx["step_size"] * (m_r / (tf.sqrt(v_r) / ctx["sqrt_bc2"] + c.eps))
-            _RAW.ResourceScatterSub(resource=_h(v), indices=idx, updates=upd)
+            _scatter_sub_unique(v, idx, upd)
         elif c.base == "Adagrad":
             _RAW.ResourceSparseApplyAdagradV2(var=_h(v), accum=_h(sl["accumulator"]), lr=ctx["lr"],
                                               epsilon=tf.constant(c.eps), grad=g, indices=idx)
         else:   # plain SGD (momentum densifies before getting here)
-            _RAW.ResourceScatterSub(resource=_h(v), indices=idx, updates=ctx["lr"] * g)
+            _scatter_sub_unique(v, idx, ctx["lr"] * g)
 
 
 def build_optimizer(model, cfg: OptimizerConfig) -> Optimizer:
