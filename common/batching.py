@@ -21,6 +21,8 @@ equal to single-device training with the same global batch.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
 from common.errors import UserError
@@ -168,3 +170,46 @@ def iter_numpy_batches(dataset_dir: str, split: str, batch_size: int, shuffle: b
     for packed in iter_packed(store, split, batch_size, shuffle, seed, epoch, rank, world_size, drop_last,
                               start_batch):
         yield unpack(schema, packed)
+
+
+def prefetch(iterable: Iterable, depth: int = 4):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (exceptions are re-raised here)."""
+    import queue
+    import threading
+
+    if depth <= 0:
+        yield from iterable
+        return
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for x in iterable:
+                if stop.is_set():
+                    return
+                q.put(x)
+            q.put(done)
+        except BaseException as exc:  # forwarded to the consumer
+            q.put(exc)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.01)
+
+

@@ -29,6 +29,7 @@ reports its result again (a larger ``--epochs`` continues it).
 """
 from __future__ import annotations
 
+from common.batching import prefetch  # noqa: F401  (re-exported for the trainers)
 import dataclasses
 import glob
 import hashlib
@@ -398,48 +399,6 @@ def _clean_nan(v):
     if isinstance(v, (list, tuple)):
         return [_clean_nan(x) for x in v]
     return v
-
-
-# ----------------------------------------------------------------------------------------------
-def prefetch(iterable: Iterable, depth: int = 4):
-    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (exceptions are re-raised here)."""
-    import queue
-    import threading
-
-    if depth <= 0:
-        yield from iterable
-        return
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for x in iterable:
-                if stop.is_set():
-                    return
-                q.put(x)
-            q.put(done)
-        except BaseException as exc:  # forwarded to the consumer
-            q.put(exc)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(0.01)
 
 
 # ----------------------------------------------------------------------------------------------

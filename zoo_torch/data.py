@@ -1,12 +1,9 @@
 """PyTorch loader over the shared LMDB store: same rows, same order as zoo_tf.data.batches."""
 from __future__ import annotations
 
-import queue
-import threading
-
 import torch
 
-from common.batching import iter_packed, num_batches, open_dataset, unpack
+from common.batching import iter_packed, num_batches, open_dataset, prefetch, unpack
 
 
 def _tensor(a):
@@ -40,40 +37,7 @@ class Batches:
             yield unpack(self.schema, packed, _tensor)
 
     def __iter__(self):
-        if not self.prefetch:
-            yield from self._gen()
-            return
-        q: queue.Queue = queue.Queue(self.prefetch)
-        done = object()
-        stop = threading.Event()
-
-        def work():
-            try:
-                for b in self._gen():
-                    if stop.is_set():
-                        return
-                    q.put(b)
-                q.put(done)
-            except BaseException as exc:  # forwarded to the consumer
-                q.put(exc)
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.01)
+        return prefetch(self._gen(), self.prefetch)
 
 
 def batches(dataset_dir, split="train", batch_size=4096, shuffle=True, seed=0, rank=0, world_size=1,
