@@ -32,7 +32,7 @@ class FieldIndex:
 
     def categorical(self, batch):
         idx = torch.stack([batch[n] for n in self.cat_names], 1).to(torch.int64)
-        return idx + self.cat_offsets
+        return idx + self.cat_offsets.to(idx.device)
 
     def numeric(self, batch):
         return torch.stack([batch[n] for n in self.num_names], 1).to(torch.float32)

@@ -118,7 +118,7 @@ class DotOp(Module):
         a = self.dense_norm(self.dense_proj(x, xrows))                          # [B, d]
         y = self.sparse_norm(feature_project(sp, self.sparse_proj.weight(srows)), axis=1)   # [B, k, d]
         t = torch.cat([a.unsqueeze(1), y], 1)                                   # [B, k+1, d]
-        z = (t @ t.transpose(1, 2)).flatten(1)[:, self.flat_index]              # strict lower triangle
+        z = (t @ t.transpose(1, 2)).flatten(1)[:, self.flat_index.to(t.device)]              # strict lower triangle
         return self.norm(self.out(z, None, width))
 
 
