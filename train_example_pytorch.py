@@ -28,7 +28,13 @@ def main(argv=None):
         from zoo_torch.trainer import check_devices, main as train_main
 
         check_devices(args)                       # --gpu_ids must name existing GPUs
-        train_main(args=resolve_data(args))       # (resolve_data: the default dataset, generated once)
+        args = resolve_data(args)                 # (the default dataset, generated once)
+        if args.search:                           # --search_loss / --search_arch
+            import importlib
+
+            importlib.import_module(f"zoo_torch.search_{args.search['mode']}").main(args)
+        else:
+            train_main(args=args)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from common.configs import MODELS, make_config, model_entry
 from common.errors import FlagError, StoreError
 from common.losses import canonical_loss_name, is_formula_loss
 from common.optim import OPTIMIZERS, canonical_optimizer_name
+from common.search_flags import ARCH_SEARCH_FLAGS, LOSS_SEARCH_FLAGS, define_search_flags, validate_search
 from common.train_utils import TrainArgs, default_save_dir
 
 # model config fields that are trainer flags with another meaning / handled explicitly
@@ -82,6 +83,7 @@ def define_flags(fv: flags.FlagValues | None = None) -> flags.FlagValues:
     flags.DEFINE_string("export", "", f"export the best model at the end: comma list of {', '.join(EXPORT_FORMATS)} "
                                       "(torchscript/onnx: PyTorch, saved_model: TensorFlow)", **d)
     flags.DEFINE_integer("threads", 0, "intra-op CPU threads (0: the framework's default)", **d)
+    define_search_flags(fv)
     for name, (kind, helptext) in model_flag_specs().items():
         if name in TRAINER_FLAGS or name in fv:
             continue
@@ -218,6 +220,8 @@ def validate(fv: flags.FlagValues, backend: str, check_data: bool = True) -> Tra
 
     ``--data`` empty means the default synthetic dataset (generated into the cache on first use).
     """
+    if fv.search_arch and not fv["model"].present:
+        fv.model = "NASRec"                       # --search_arch searches NASRec subnets
     try:
         entry = model_entry(fv.model)
     except ValueError as exc:
@@ -296,6 +300,7 @@ def validate(fv: flags.FlagValues, backend: str, check_data: bool = True) -> Tra
     except (TypeError, ValueError) as exc:
         raise FlagError("model", f"bad options for {entry.name}: {exc}") from None
 
+    search = validate_search(fv, entry.name)
     data = fv.data
     if data:
         data = os.path.abspath(os.path.expanduser(data))
@@ -309,7 +314,8 @@ def validate(fv: flags.FlagValues, backend: str, check_data: bool = True) -> Tra
                      cpu_replicas=fv.cpu_replicas, max_steps=fv.max_steps, lr_decay_factor=float(fv.lr_decay_factor),
                      lr_decay_patience=fv.lr_decay_patience, min_lr=float(fv.min_lr),
                      keep_checkpoints=fv.keep_checkpoints, eval_batch_size=fv.eval_batch_size,
-                     resume=bool(fv.resume), progress=bool(fv.progress), export=exports, threads=fv.threads)
+                     resume=bool(fv.resume), progress=bool(fv.progress), export=exports, threads=fv.threads,
+                     search=search.to_dict() if search is not None else None)
     from common.train_utils import check_save_dir
 
     check_save_dir(args.model_save_dir)
