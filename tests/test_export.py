@@ -1,8 +1,9 @@
 """Exported models predict exactly what the live models predict.
 
 - TorchScript (zoo_torch.export): traced at batch 8, evaluated at other batch sizes;
-- ONNX: optional (needs the `onnx` package, not in requirements.txt): exported and
-  checked when importable, otherwise the export must fail with the install hint;
+- ONNX (``onnx`` + ``onnxruntime`` are pinned in requirements.txt): every registered
+  model is exported and run by onnxruntime at two batch sizes; the probabilities
+  equal the live model's;
 - SavedModel (zoo_tf.export): the serving signature (keyword tensors) and the
   dict-taking ``serve`` function;
 - weights are canonical: the best weights of a PyTorch model exported through the
@@ -13,6 +14,7 @@ mode matters and the weights are not their initial values.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 import zoo_tf
 import zoo_torch
 from common.batching import iter_numpy_batches
+from common.configs import MODELS
 from common.optim import make_optimizer_config
 from common.schema import Schema
 from zoo_tf import export as tf_export
@@ -87,28 +90,51 @@ def test_torchscript_predicts_like_the_live_model(trained_torch, random_dataset,
     np.testing.assert_array_equal(loaded(*inp).numpy(), loaded(*inp).numpy())
 
 
-def test_onnx_export_or_clear_error(trained_torch, random_dataset, tmp_path):
-    schema, model = trained_torch
-    path = str(tmp_path / "m.onnx")
-    if not pt_export.onnx_available():
-        with pytest.raises(RuntimeError, match=r"pip install onnx"):
-            pt_export.export_onnx(model, path)
-        assert not os.path.exists(path)
-        return
-    pt_export.export_onnx(model, path)
+def test_onnx_export_predicts_like_the_live_model(trained_torch, random_dataset, tmp_path):
     import onnx
+    import onnxruntime as ort
 
+    schema, model = trained_torch
+    path = pt_export.export_onnx(model, str(tmp_path / "m.onnx"))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     m = onnx.load(path)
     onnx.checker.check_model(m)
     assert [i.name for i in m.graph.input] == list(schema.feature_names)
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    batch = _batches(random_dataset, "test", 37)[0]
-    got = sess.run(["prob"], {n: batch[n] for n in schema.feature_names})[0]
+    for bs in (37, 200):
+        batch = _batches(random_dataset, "test", bs)[0]
+        got = sess.run(["prob"], {n: batch[n] for n in schema.feature_names})[0]
+        assert got.shape == (bs,)
+        np.testing.assert_allclose(got, _torch_probs(model, batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnx_export_of_every_model(name, random_dataset, tmp_path):
+    """Every registered model exports to ONNX and onnxruntime reproduces its predictions."""
+    import onnxruntime as ort
+
+    schema = Schema.load(random_dataset)
+    fields = {f.name for f in dataclasses.fields(MODELS[name].config)}
+    kw = {k: v for k, v in dict(embed_size=4, seed=3, mlp=(8,)).items() if k in fields}
+    model = zoo_torch.build_model(name, schema, **kw)
+    model.eval()
+    path = pt_export.export_onnx(model, str(tmp_path / f"{name}.onnx"))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    batch = _batches(random_dataset, "test", 53)[0]
+    names = [i.name for i in sess.get_inputs()]       # fields a model ignores (BiasedMF) are pruned
+    assert names and set(names) <= set(schema.feature_names)
+    got = sess.run(["prob"], {n: batch[n] for n in names})[0]
     np.testing.assert_allclose(got, _torch_probs(model, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_error_is_clean(trained_torch, tmp_path, monkeypatch):
+    """Without the onnx package the export fails with the install hint and writes nothing."""
+    schema, model = trained_torch
+    monkeypatch.setattr(pt_export, "onnx_available", lambda: False)
+    path = str(tmp_path / "m.onnx")
+    with pytest.raises(RuntimeError, match=r"pip install onnx"):
+        pt_export.export_onnx(model, path)
+    assert not os.listdir(tmp_path)
 
 
 def test_saved_model_predicts_like_the_live_model(trained_tf, random_dataset, tmp_path):

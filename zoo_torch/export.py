@@ -1,4 +1,4 @@
-"""Export a trained PyTorch zoo model for serving: TorchScript (always) and ONNX (if ``onnx`` is installed).
+"""Export a trained PyTorch zoo model for serving: TorchScript and ONNX (``onnx``, pinned in requirements.txt).
 
 The exported program takes the feature tensors as POSITIONAL inputs in schema
 order (``schema.feature_names``: categorical int32 ``[B]``, numeric float32
@@ -102,11 +102,12 @@ def onnx_available() -> bool:
 def export_onnx(model, path: str, example: tuple | None = None, opset: int = 17) -> str:
     """Export to ONNX (inputs named after the fields, output ``prob``, dynamic batch axis).
 
-    Needs the ``onnx`` package (not in requirements.txt): RuntimeError with the
-    install hint when it is missing.
+    Needs the ``onnx`` package (in requirements.txt): RuntimeError with the
+    install hint when it is missing.  Fields the model ignores (BiasedMF uses
+    only user and item) are pruned from the graph's inputs.
     """
     if not onnx_available():
-        raise RuntimeError("ONNX export needs the `onnx` package (pip install onnx); it is optional and not "
+        raise RuntimeError("ONNX export needs the `onnx` package (pip install onnx); it is not "
                            "installed")
     serving = _serving(model)
     schema = serving.model.schema
