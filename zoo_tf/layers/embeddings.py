@@ -39,7 +39,7 @@ class FeatureEmbedding(Module):
         self.add_param("weight", (max(self._index.total_rows, 1), dim), f"normal:{init_std}", sparse=sparse)
         if self._index.n_num:
             self.add_param("numeric", (self._index.n_num, dim), f"normal:{init_std}")
-        self._last_sq_norm = None
+        self._lookups = []         # the looked-up rows of the last call (for the L2 penalty)
 
     @property
     def index(self):
@@ -47,33 +47,37 @@ class FeatureEmbedding(Module):
 
     @property
     def last_sq_norm(self):
-        return self._last_sq_norm
+        """Sum of the squared rows looked up in the last call, computed on demand (None before one)."""
+        if not self._lookups:
+            return None
+        return tf.add_n([tf.reduce_sum(tf.square(x)) for x in self._lookups])
 
     def lookup(self, idx):
         return tf.gather(self.weight, idx)
 
     def __call__(self, batch, training=False):
-        parts, sq = [], 0.0
+        parts, looked = [], []
         ix = self._index
         if ix.cat_names:
             e = self.lookup(ix.categorical(batch))
             parts.append(e)
-            sq = sq + tf.reduce_sum(e * e)
+            looked.append(e)
         if ix.n_num:
             parts.append(ix.numeric(batch)[:, :, None] * self.numeric)
         for name, off in zip(ix.seq_names, ix.seq_offsets):
-            e, s = self.pool_sequence(batch[name], off)
+            e, rows = self.pool_sequence(batch[name], off)
             parts.append(e)
-            sq = sq + s
-        self._last_sq_norm = sq
+            looked.append(rows)
+        self._lookups = looked
         return tf.concat(parts, 1) if len(parts) > 1 else parts[0]
 
     def pool_sequence(self, seq, offset):
+        """([B, 1, d] masked mean, [B, L, d] masked rows)."""
         seq = tf.cast(seq, tf.int64)
         mask = tf.cast(seq != 0, tf.float32)[:, :, None]
         e = self.lookup(seq + offset) * mask
         pooled = tf.reduce_sum(e, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
-        return pooled[:, None, :], tf.reduce_sum(e * e)
+        return pooled[:, None, :], e
 
 
 class LinearPart(Module):

@@ -17,6 +17,19 @@ class FMInteraction(Module):
         self.reduce_sum = reduce_sum
 
     def __call__(self, e, training=False):
+        if self.reduce_sum:
+            return _fm_sum(e)
         s = tf.reduce_sum(e, 1)
-        out = 0.5 * (s * s - tf.reduce_sum(e * e, 1))
-        return tf.reduce_sum(out, 1) if self.reduce_sum else out
+        return 0.5 * (s * s - tf.reduce_sum(e * e, 1))
+
+
+@tf.custom_gradient
+def _fm_sum(e):
+    """y_b = 1/2 (||s_b||^2 - ||e_b||_F^2), s_b = sum_i e_bi; closed-form gradient s_b - e_bi."""
+    s = tf.reduce_sum(e, 1)                                     # [B, d]
+    out = 0.5 * (tf.reduce_sum(s * s, 1) - tf.reduce_sum(tf.square(e), [1, 2]))
+
+    def grad(g):
+        return (s[:, None, :] - e) * g[:, None, None]
+
+    return out, grad

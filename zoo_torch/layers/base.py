@@ -60,8 +60,11 @@ class Dense(Module):
             self.add_param("bias", (out_dim,), "zeros", regularize=False)
 
     def forward(self, x):
-        y = x @ self.kernel
-        return y + self.bias if self.use_bias else y
+        if not self.use_bias:
+            return x @ self.kernel
+        if x.dim() == 2:
+            return torch.addmm(self.bias, x, self.kernel)         # bias fused into the GEMM
+        return x @ self.kernel + self.bias
 
 
 class BatchNorm(Module):

@@ -48,32 +48,41 @@ class FeatureEmbedding(Module):
         self.add_param("weight", (max(self.index.total_rows, 1), dim), f"normal:{init_std}", sparse=sparse)
         if self.index.n_num:
             self.add_param("numeric", (self.index.n_num, dim), f"normal:{init_std}")
-        self.last_sq_norm = None   # sum of squared looked-up rows of the last forward (for L2)
+        self._lookups = []         # the looked-up rows of the last forward (for the L2 penalty)
 
     def lookup(self, idx):
         return F.embedding(idx, self.weight, sparse=self.sparse)
 
+    @property
+    def last_sq_norm(self):
+        """Sum of the squared embedding rows looked up in the last forward (computed on demand, so a
+        model without embedding L2 never pays for it); None before the first forward."""
+        if not self._lookups:
+            return None
+        return sum(torch.linalg.vector_norm(x).square() for x in self._lookups)
+
     def forward(self, batch):
-        parts, sq = [], 0.0
+        parts, looked = [], []
         if self.index.cat_names:
             e = self.lookup(self.index.categorical(batch))
             parts.append(e)
-            sq = sq + (e * e).sum()
+            looked.append(e)
         if self.index.n_num:
             parts.append(self.index.numeric(batch).unsqueeze(-1) * self.numeric)
         for name, off in zip(self.index.seq_names, self.index.seq_offsets):
-            e, s = self.pool_sequence(batch[name], off)
+            e, rows = self.pool_sequence(batch[name], off)
             parts.append(e)
-            sq = sq + s
-        self.last_sq_norm = sq
+            looked.append(rows)
+        self._lookups = looked
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
     def pool_sequence(self, seq, offset):
+        """([B, 1, d] masked mean, [B, L, d] masked rows)."""
         seq = seq.to(torch.int64)
         mask = (seq != 0).to(torch.float32).unsqueeze(-1)            # [B, L, 1]
         e = self.lookup(seq + offset) * mask                          # [B, L, d]
         pooled = e.sum(1) / mask.sum(1).clamp(min=1.0)
-        return pooled.unsqueeze(1), (e * e).sum()
+        return pooled.unsqueeze(1), e
 
 
 class LinearPart(Module):

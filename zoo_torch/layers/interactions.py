@@ -4,6 +4,8 @@ FMInteraction:  sum_{i<j} <e_i, e_j> = 1/2 * sum_k [ (sum_i e_ik)^2 - sum_i e_ik
 """
 from __future__ import annotations
 
+import torch
+
 from zoo_torch.layers.base import Module
 
 
@@ -15,6 +17,25 @@ class FMInteraction(Module):
         self.reduce_sum = reduce_sum
 
     def forward(self, e):
+        if self.reduce_sum:
+            return _FMSum.apply(e)
         s = e.sum(1)
-        out = 0.5 * (s * s - (e * e).sum(1))
-        return out.sum(1) if self.reduce_sum else out
+        return 0.5 * (s * s - (e * e).sum(1))
+
+
+class _FMSum(torch.autograd.Function):
+    """y_b = 1/2 (||s_b||^2 - ||e_b||_F^2), s_b = sum_i e_bi, with the closed-form gradient
+    dy_b/de_bi = s_b - e_bi: one pass over [B, F, d] each way instead of autograd's five."""
+
+    @staticmethod
+    def forward(ctx, e):
+        s = e.sum(1)                                            # [B, d]
+        flat = e.reshape(e.shape[0], -1)
+        out = 0.5 * ((s * s).sum(1) - torch.linalg.vector_norm(flat, dim=1).square())
+        ctx.save_for_backward(e, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        e, s = ctx.saved_tensors
+        return (s.unsqueeze(1) - e).mul_(g.view(-1, 1, 1))
