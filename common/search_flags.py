@@ -38,11 +38,12 @@ def define_search_flags(fv: flags.FlagValues) -> None:
                                                "plain training", **d)
     flags.DEFINE_integer("search_budget", 200, "candidates sampled per search round (--search_loss)", **d)
     flags.DEFINE_integer("search_epochs", 1, "outer AutoLossGen epochs: search a round, then train the model an "
-                                             "epoch (--search_loss)", **d)
+                                             "epoch (--search_loss; replaces --epochs / --patience there)", **d)
     flags.DEFINE_boolean("train_with_optim", False, "after each round, train the real model an epoch with the best "
                                                     "candidate if it does not lower validation AUC", **d)
-    flags.DEFINE_string("formula_path", "", "where the accepted formulas go (JSON; default "
-                                            "<model_save_dir>/formulas.json)", **d)
+    flags.DEFINE_string("formula_path", "", "where the accepted formulas go (default "
+                                            "<model_save_dir>/formulas.json; a name ending in .csv gives the CSV "
+                                            "that `python -m common.loss_check --csv` reads)", **d)
     flags.DEFINE_integer("controller_hidden", 64, "LSTM size of the loss controller", **d)
     flags.DEFINE_integer("controller_nodes", 10, "operator nodes per sampled loss formula", **d)
     flags.DEFINE_string("controller_ops", "", "comma list of searchable operators (default: add,mul,max,min,neg,"

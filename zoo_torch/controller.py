@@ -137,7 +137,7 @@ class Controller(Module):
             loss = loss - float(a) * lp
         loss = loss / max(len(dags), 1)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        return float(loss), {k: (g.detach().cpu().numpy() if g is not None else np.zeros(tuple(p.shape), np.float32))
+        return float(loss.detach()), {k: (g.detach().cpu().numpy() if g is not None else np.zeros(tuple(p.shape), np.float32))
                              for (k, p), g in zip(params.items(), grads)}
 
     def update(self, dags, advantages) -> dict:
