@@ -238,9 +238,11 @@ def _score(out) -> tuple[float, dict]:
 def evolve(score_fn: Callable[[SubnetConfig], Any], space: SearchSpace, init_population: int = 128,
            sample_size: int = 64, n_childs: int = 8, n_generations: int = 240, rng=None,
            state_path: str | None = None, log_csv: str | None = None, progress: bool = True, top_k: int = 5,
-           max_retries: int = 1000) -> EvolutionResult:
+           max_retries: int = 1000, on_evaluated: Callable[[Candidate, bool], None] | None = None) -> EvolutionResult:
     """Regularized evolution (module docstring).  ``rng``: a numpy Generator or an int seed.
-    A run resumed from ``state_path`` must use the same space and settings."""
+    A run resumed from ``state_path`` must use the same space and settings.  ``on_evaluated(candidate,
+    cached)`` is called for every candidate as it joins the history (``cached``: its score came from
+    the saved state of an earlier, interrupted run), e.g. to drive a progress bar."""
     if init_population < 1 or n_childs < 1 or sample_size < 1 or n_generations < 0:
         raise ValueError("init_population, sample_size and n_childs must be >= 1, n_generations >= 0")
     rng = _as_rng(rng)
@@ -258,7 +260,8 @@ def evolve(score_fn: Callable[[SubnetConfig], Any], space: SearchSpace, init_pop
                          dict(e.get("extra") or {}))
 
     def evaluate(cfg, h, generation) -> Candidate:
-        if h not in store.cache:          # else: replaying a resumed phase
+        cached = h in store.cache
+        if not cached:                    # else: replaying a resumed phase
             t0 = time.perf_counter()
             score, extra = _score(score_fn(cfg))
             store.record(h, {"tokens": tokenize(cfg), "score": score if math.isfinite(score) else repr(score),
@@ -267,6 +270,8 @@ def evolve(score_fn: Callable[[SubnetConfig], Any], space: SearchSpace, init_pop
         history.append(cand)
         by_hash[h] = cand
         store.log(cand)
+        if on_evaluated is not None:
+            on_evaluated(cand, cached)
         return cand
 
     def boundary(generation, population, visited):
@@ -287,6 +292,8 @@ def evolve(score_fn: Callable[[SubnetConfig], Any], space: SearchSpace, init_pop
             cand = candidate(h, int(store.cache[h]["generation"]))
             history.append(cand)
             by_hash[h] = cand
+            if on_evaluated is not None:
+                on_evaluated(cand, True)
         population = [by_hash[h] for h in bnd["population"]]
         visited = set(bnd["visited"])
     else:

@@ -694,6 +694,22 @@ def extract_subnet_weights(supernet_weights: dict, cfg: SubnetConfig, layout: Su
     return out
 
 
+def subnet_param_count(cfg: SubnetConfig, layout: SupernetLayout, shapes: dict) -> int:
+    """Number of weights of the standalone network of ``cfg`` (what :func:`extract_subnet_weights`
+    would cut), from the supernet's weight ``shapes`` (canonical name -> shape), without copying."""
+    n = 0
+    for _, (src, rows, cols) in subnet_weight_slices(cfg, layout).items():
+        shp = [int(s) for s in shapes[src]]
+        if rows is not None:
+            shp[0] = len(rows)
+        if cols is not None:
+            shp[1 if len(shp) == 2 else 0] = len(cols)
+        n += int(np.prod(shp))
+    n += sum(int(np.prod(s)) for name, s in shapes.items()
+             if not (name.startswith("blocks.") or name.startswith("head.")))
+    return n
+
+
 # ---------------------------------------------------------------------------------------------
 # defaults
 # ---------------------------------------------------------------------------------------------

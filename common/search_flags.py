@@ -26,7 +26,7 @@ SPACES = ("small", "full")
 LOSS_SEARCH_FLAGS = ("search_loss", "search_budget", "search_epochs", "train_with_optim", "formula_path",
                      "controller_hidden", "controller_nodes", "controller_ops", "controller_lr",
                      "controller_aggregate", "controller_entropy", "controller_baseline_decay", "controller_clip")
-ARCH_SEARCH_FLAGS = ("search_arch", "search_space", "n_blocks", "warmup_fraction", "warmup_epochs", "n_generations",
+ARCH_SEARCH_FLAGS = ("search_arch", "search_space", "n_blocks", "dense_widths", "sparse_widths", "warmup_fraction", "warmup_epochs", "n_generations",
                      "init_population", "sample_size", "n_childs", "zeroshot", "proxy_batches", "finetune_steps",
                      "top_k", "zico_coef", "fr_coef", "loss_coef")
 
@@ -58,6 +58,9 @@ def define_search_flags(fv: flags.FlagValues) -> None:
                                                "evolution) instead of plain training", **d)
     flags.DEFINE_string("search_space", "small", f"NASRec search space: {', '.join(SPACES)}", **d)
     flags.DEFINE_integer("n_blocks", 7, "blocks of the NASRec search space", **d)
+    flags.DEFINE_string("dense_widths", "", "comma list of dense widths of the search space (default NASRec's "
+                                            "16,32,64,128,256,512,768,1024)", **d)
+    flags.DEFINE_string("sparse_widths", "", "comma list of sparse widths (default NASRec's 16,32,48,64)", **d)
     flags.DEFINE_float("warmup_fraction", 1.0, "fraction of the training split the supernet is warmed on "
                                                "(0: no warm-up, zero-shot only)", **d)
     flags.DEFINE_integer("warmup_epochs", 1, "passes over that fraction", **d)
@@ -103,6 +106,16 @@ def _given(fv, names) -> list[str]:
     return [n for n in names if fv[n].present and n not in ("search_loss", "search_arch")]
 
 
+def _widths(name: str, text: str) -> list[int]:
+    try:
+        vals = sorted({int(x) for x in text.strip().strip("[]()").split(",") if x.strip()})
+    except ValueError:
+        raise FlagError(name, f"{text!r}: expected comma-separated integers like 16,32,64") from None
+    if not vals or vals[0] <= 0:
+        raise FlagError(name, f"{text!r}: widths must be positive integers")
+    return vals
+
+
 def validate_search(fv: flags.FlagValues, model: str) -> SearchArgs | None:
     """``SearchArgs`` for ``--search_loss`` / ``--search_arch``; None for plain training."""
     if fv.search_loss and fv.search_arch:
@@ -143,7 +156,12 @@ def validate_search(fv: flags.FlagValues, model: str) -> SearchArgs | None:
             raise FlagError("zeroshot", f"{fv.zeroshot!r} is not a proxy; choose one of {', '.join(ZEROSHOT)}")
         if fv.search_space not in SPACES:
             raise FlagError("search_space", f"{fv.search_space!r}: choose one of {', '.join(SPACES)}")
-        opts = {n: fv[n].value for n in ARCH_SEARCH_FLAGS if n != "search_arch"}
+        opts = {n: fv[n].value for n in ARCH_SEARCH_FLAGS if n not in ("search_arch", "dense_widths", "sparse_widths")}
+        for n in ("dense_widths", "sparse_widths"):
+            if fv[n].value.strip():
+                opts[n] = _widths(n, fv[n].value)
+        # explicit trainer flags win over the published warm-up setting (Adagrad 0.12, batch 512)
+        opts["given"] = {n: bool(fv[n].present) for n in ("optimizer", "lr", "batch_size")}
         return SearchArgs("arch", opts)
     stray = _given(fv, LOSS_SEARCH_FLAGS + ARCH_SEARCH_FLAGS)
     if stray:

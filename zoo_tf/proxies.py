@@ -39,8 +39,21 @@ def gradient_samples(model, batches, training: bool = False, include_penalty: bo
         losses.append(float(loss.numpy()))
     used = set().union(*[set(g) for g in grads]) if grads else set()
     theta = {n: params[n].numpy() for n in used}
-    n_elements = int(sum(np.prod(v.shape) for v in variables))
+    n_elements = _subnet_elements(model)
+    if n_elements is None:
+        n_elements = int(sum(np.prod(v.shape) for v in variables))
     return grads, theta, losses, n_elements
+
+
+def _subnet_elements(model):
+    """Mirror of zoo_torch.proxies._subnet_elements (SubnetView: the standalone network's weight count)."""
+    cfg, net = getattr(model, "subnet_config", None), getattr(model, "supernet", None)
+    if cfg is None or net is None:
+        return None
+    from common.nas_space import subnet_param_count
+
+    shapes = {n: tuple(int(s) for s in getattr(o, a).shape) for n, o, a in net.zoo_named() if not o._meta()[a]["state"]}
+    return subnet_param_count(cfg, net.layout, shapes)
 
 
 def zero_shot_proxies(model, batches, zico_coef: float = 1.0, fr_coef: float = 1.0, loss_coef: float = 0.0,

@@ -18,7 +18,7 @@ from zoo_tf.layers.nasrec_ops import ElasticDense, NASRecBlock, forward_network
 from zoo_tf.models.base import CTRModel
 
 __all__ = ["SuperNet", "SubnetView", "build_supernet", "copy_supernet_weights", "standalone_from_supernet",
-           "HEAD_WEIGHTS", "head_parameters", "snapshot_weights", "restore_weights"]
+           "HEAD_WEIGHTS", "head_parameters", "snapshot_weights", "restore_weights", "head_inputs", "active_head"]
 
 HEAD_WEIGHTS = ("head.kernel", "head.bias")
 
@@ -160,3 +160,34 @@ def restore_weights(net, saved: dict) -> None:
     own = named_weights(net)
     for n, v in saved.items():
         own[n].assign(v)
+
+
+class _HeadTap:
+    """Mirror of zoo_torch.supernet._HeadTap (records the head's input in ``forward_network``)."""
+
+    def __init__(self, net: SuperNet):
+        self.embedding, self.blocks = net.embedding, net.blocks
+        self.captured = None
+
+    def head(self, feats, rows):
+        self.captured = (feats, rows)
+        return feats[:, :1]
+
+
+def head_inputs(net: SuperNet, batch, cfg: SubnetConfig):
+    """Mirror of zoo_torch.supernet.head_inputs: the subnet's active head features ``[B, F]``."""
+    if cfg.space != net.space:
+        raise ValueError("the subnet config belongs to a different search space than the supernet")
+    tap = _HeadTap(net)
+    forward_network(tap, batch, as_path(cfg), net.layout)
+    return tap.captured[0]      # already the active features; the rows select the matching kernel rows
+
+
+def active_head(net: SuperNet, cfg: SubnetConfig):
+    """(kernel rows ``[F]`` as numpy, bias float) of the final linear layer that ``cfg`` uses."""
+    import numpy as np
+
+    last = cfg.blocks[-1]
+    rows = net.layout.head_ranges(last.dense_width, last.sparse_width, last.dense_to_sparse)
+    k = net.head.kernel.numpy()
+    return np.concatenate([k[a:b, 0] for a, b in rows]), float(net.head.bias.numpy()[0])

@@ -46,8 +46,22 @@ def gradient_samples(model, batches, training: bool = False, include_penalty: bo
         model.train(was_training)
     used = set().union(*[set(g) for g in grads]) if grads else set()
     theta = {n: params[n].detach().cpu().numpy() for n in used}
-    n_elements = sum(p.numel() for p in tensors)
+    n_elements = _subnet_elements(model)
+    if n_elements is None:
+        n_elements = sum(p.numel() for p in tensors)
     return grads, theta, losses, n_elements
+
+
+def _subnet_elements(model):
+    """For a supernet SubnetView: the weight count of its standalone network (so that mean |grad|
+    is normalised by the subnet's size, as for the standalone model); None otherwise."""
+    cfg, net = getattr(model, "subnet_config", None), getattr(model, "supernet", None)
+    if cfg is None or net is None:
+        return None
+    from common.nas_space import subnet_param_count
+
+    shapes = {n: tuple(p.shape) for n, p in net.named_parameters() if p.requires_grad}
+    return subnet_param_count(cfg, net.layout, shapes)
 
 
 def zero_shot_proxies(model, batches, zico_coef: float = 1.0, fr_coef: float = 1.0, loss_coef: float = 0.0,

@@ -21,7 +21,7 @@ from zoo_torch.layers.nasrec_ops import ElasticDense, NASRecBlock, forward_netwo
 from zoo_torch.models.base import CTRModel
 
 __all__ = ["SuperNet", "SubnetView", "build_supernet", "copy_supernet_weights", "standalone_from_supernet",
-           "HEAD_WEIGHTS", "head_parameters", "snapshot_weights", "restore_weights"]
+           "HEAD_WEIGHTS", "head_parameters", "snapshot_weights", "restore_weights", "head_inputs", "active_head"]
 
 HEAD_WEIGHTS = ("head.kernel", "head.bias")   # the final linear layer (fine-tuned per candidate)
 
@@ -151,3 +151,36 @@ def restore_weights(net, saved: dict) -> None:
     with torch.no_grad():
         for n, v in saved.items():
             own[n].copy_(v)
+
+
+class _HeadTap:
+    """Stands in for the supernet in ``forward_network``: same embedding and blocks, but its head
+    records the head's input (features, active rows) instead of computing the logit."""
+
+    def __init__(self, net: SuperNet):
+        self.embedding, self.blocks = net.embedding, net.blocks
+        self.captured = None
+
+    def head(self, feats, rows):
+        self.captured = (feats, rows)
+        return feats[:, :1]
+
+
+def head_inputs(net: SuperNet, batch, cfg: SubnetConfig):
+    """The subnet's input to the final linear layer, its active features only ``[B, F]``:
+    ``net(batch, path=cfg) == head_inputs(...) @ active_head(net, cfg)[0] + active_head(...)[1]``."""
+    if cfg.space != net.space:
+        raise ValueError("the subnet config belongs to a different search space than the supernet")
+    tap = _HeadTap(net)
+    forward_network(tap, batch, as_path(cfg), net.layout)
+    return tap.captured[0]      # already the active features; the rows select the matching kernel rows
+
+
+def active_head(net: SuperNet, cfg: SubnetConfig):
+    """(kernel rows ``[F]`` as numpy, bias float) of the final linear layer that ``cfg`` uses."""
+    import numpy as np
+
+    last = cfg.blocks[-1]
+    rows = net.layout.head_ranges(last.dense_width, last.sparse_width, last.dense_to_sparse)
+    k = net.head.kernel.detach().cpu().numpy()
+    return np.concatenate([k[a:b, 0] for a, b in rows]), float(net.head.bias.detach().cpu().numpy()[0])
