@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ FORMAT_VERSION = 1
 META_KEY = b"__meta__"
 STORE_DIR = "store"
 DEFAULT_CHUNK_ROWS = 4096
+SYNC_BYTES = 32 << 20          # StoreWriter: push committed data to disk in the background every 32 MiB
 SPLITS = ("train", "valid", "test")
 
 
@@ -91,71 +93,94 @@ def decode_chunk(layout: list[ArraySpec], buf, n: int) -> dict:
 
 
 class StoreWriter:
-    """Append rows per split; they are cut into chunks of ``chunk_rows`` rows."""
+    """Append rows per split; they are cut into chunks of ``chunk_rows`` rows.
+
+    Rows are copied once, into a per-split staging buffer laid out as a stored chunk;
+    a full buffer is checksummed and put into LMDB as it is.  The write transaction is
+    committed every ``commit_bytes``: LMDB keeps a transaction's dirty pages in memory
+    until the commit, and small transactions (about one chunk) reuse the same memory
+    instead of allocating and faulting in fresh pages (several times faster to write,
+    and memory stays flat)."""
 
     def __init__(self, path: str, layout: list[ArraySpec], schema_hash: str,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, map_size: int = 1 << 40):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, map_size: int = 1 << 40, commit_bytes: int = 1 << 20):
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.layout = list(layout)
         self.schema_hash = schema_hash
         self.chunk_rows = int(chunk_rows)
+        self.commit_bytes = int(commit_bytes)
         self.env = _lmdb().open(path, map_size=map_size, subdir=True, sync=False, metasync=False,
                                 readahead=False, writemap=False, max_dbs=0)
         self.splits: dict[str, dict] = {}
-        self._pending: dict[str, list[dict]] = {}
-        self._pending_rows: dict[str, int] = {}
+        self._stage: dict[str, tuple[np.ndarray, dict]] = {}
+        self._fill: dict[str, int] = {}
         self._txn = self.env.begin(write=True)
-        self._puts = 0
+        self._dirty = 0
+        # committed data is pushed to disk in the background now and then, so that the
+        # final sync in close() has little left to wait for
+        self._fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY)
+        self._unsynced = 0
+        self._syncer: threading.Thread | None = None
+
+    def _staging(self, split: str):
+        st = self._stage.get(split)
+        if st is None:
+            n = self.chunk_rows
+            raw = np.empty(n * sum(s.itemsize for s in self.layout), np.uint8)
+            views, off = {}, 0
+            for s in self.layout:
+                size = n * s.itemsize
+                views[s.name] = raw[off:off + size].view(s.dtype).reshape(n, s.width)
+                off += size
+            st = self._stage[split] = (raw, views)
+            self._fill[split] = 0
+        return st
 
     def append(self, split: str, arrays: dict) -> None:
         n = len(arrays["label"])
         if n == 0:
             return
-        arrays = {s.name: np.asarray(arrays[s.name], dtype=s.dtype).reshape(n, s.width) for s in self.layout}
-        self._pending.setdefault(split, []).append(arrays)
-        self._pending_rows[split] = self._pending_rows.get(split, 0) + n
-        while self._pending_rows[split] >= self.chunk_rows:
-            self._flush(split, self.chunk_rows)
+        arrays = {s.name: np.asarray(arrays[s.name]).reshape(n, s.width) for s in self.layout}
+        raw, views = self._staging(split)
+        at = 0
+        while at < n:
+            fill = self._fill[split]
+            k = min(n - at, self.chunk_rows - fill)
+            for s in self.layout:
+                views[s.name][fill:fill + k] = arrays[s.name][at:at + k]
+            at += k
+            self._fill[split] = fill + k
+            if fill + k == self.chunk_rows:
+                self._put(split, raw, self.chunk_rows)
+                self._fill[split] = 0
 
-    def _take(self, split: str, n: int) -> dict:
-        pieces, got, rest = [], 0, []
-        for a in self._pending[split]:
-            m = len(a["label"])
-            if got >= n:
-                rest.append(a)
-            elif got + m <= n:
-                pieces.append(a)
-                got += m
-            else:
-                k = n - got
-                pieces.append({s.name: a[s.name][:k] for s in self.layout})
-                rest.append({s.name: a[s.name][k:] for s in self.layout})
-                got = n
-        self._pending[split] = rest
-        self._pending_rows[split] -= n
-        if len(pieces) == 1:
-            return pieces[0]
-        return {s.name: np.concatenate([p[s.name] for p in pieces]) for s in self.layout}
-
-    def _flush(self, split: str, n: int) -> None:
-        arrays = self._take(split, n)
+    def _put(self, split: str, buf, n: int) -> None:
         info = self.splits.setdefault(split, {"rows": 0, "chunk_rows": [], "crc32": []})
-        buf = encode_chunk(self.layout, arrays, n)
         i = len(info["chunk_rows"])
         self._txn.put(chunk_key(split, i), buf)
         info["rows"] += n
         info["chunk_rows"].append(n)
         info["crc32"].append(zlib.crc32(buf))
-        self._puts += 1
-        if self._puts % 64 == 0:
+        self._dirty += len(buf)
+        if self._dirty >= self.commit_bytes:
             self._txn.commit()
             self._txn = self.env.begin(write=True)
+            self._unsynced += self._dirty
+            self._dirty = 0
+            if self._unsynced >= SYNC_BYTES and (self._syncer is None or not self._syncer.is_alive()):
+                self._unsynced = 0
+                self._syncer = threading.Thread(target=_fdatasync, args=(self._fd,), daemon=True,
+                                                name="store-sync")
+                self._syncer.start()
 
     def close(self, extra_meta: dict | None = None) -> dict:
-        for split in list(self._pending):
-            if self._pending_rows.get(split, 0):
-                self._flush(split, self._pending_rows[split])
+        for split, (raw, views) in self._stage.items():
+            n = self._fill[split]
+            if n:                      # the last, partial chunk of a split
+                self._put(split, encode_chunk(self.layout, {k: v[:n] for k, v in views.items()}, n), n)
+                self._fill[split] = 0
+        self._stage = {}
         for split in SPLITS:  # every split is present, possibly empty
             self.splits.setdefault(split, {"rows": 0, "chunk_rows": [], "crc32": []})
         meta = {
@@ -168,9 +193,30 @@ class StoreWriter:
         }
         self._txn.put(META_KEY, json.dumps(meta).encode())
         self._txn.commit()
+        self._stop_syncer()
         self.env.sync(True)
         self.env.close()
         return meta
+
+    def _stop_syncer(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def abort(self) -> None:
+        """Give up (on an error): close without writing the metadata."""
+        self._stop_syncer()
+        self.env.close()
+
+
+def _fdatasync(fd: int) -> None:
+    try:
+        getattr(os, "fdatasync", os.fsync)(fd)
+    except OSError:          # the final sync in close() reports real problems
+        pass
 
 
 _VERIFIED: dict[tuple, bool] = {}

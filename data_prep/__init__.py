@@ -6,7 +6,8 @@ Usage::
         [--valid PATH --test PATH] --output DIR [--spec SPEC.json] [--min_count N]
         [--split 0.8,0.1,0.1] [--stratify] [--seed S] [--rows N] [--on_bad_line error|skip]
         [--numeric bucketize|standardize] [--chunk_mb MB] [--chunk_rows N] [--overwrite]
-        [--no_cache] [--progress | --no_progress] [--base_ctr P (synthetic)]
+        [--no_cache] [--count_mb MB] [--workers N] [--progress | --no_progress]
+        [--base_ctr P (synthetic)]
 
 Input files are plain text or gzip (recognised by content, any name).  One ``--input``
 is split into train/valid/test by ``--split`` and ``--seed`` (see data_prep/split.py:
@@ -21,16 +22,28 @@ vocabularies keep tokens seen at least ``--min_count`` times (default 10 for cri
 1 = out-of-vocabulary, 2.. = the vocabulary.  They are saved as JSON in
 ``<output>/vocab/`` and ``common.encoders.Decoder`` turns stored rows back into
 tokens.  Reading is streamed in chunks of ``--chunk_mb`` MiB and vectorised with
-numpy/pandas (no Python work per row for plain categorical and numeric columns: a
-field becomes a uint64 key of its bytes, see data_prep/reader.py), in two passes
-(1: count on train rows, 2: encode and write).  Pass 1 spills its parsed chunks of
-the input to a scratch file in the temporary output directory (about the size of the
-raw text) and pass 2 replays it instead of parsing the text again; ``--no_cache``
-(or too little free disk) re-reads the text instead, with the same result.  Memory
-is bounded by the vocabulary sizes, never by the file length.  Tokenising, parsing,
-counting and encoding overlap in a few threads (numpy and the pandas hash tables
-release the GIL).  The output directory is written under a temporary name and
-renamed at the end: it appears complete or not at all.
+numpy (no Python work per row for plain categorical and numeric columns: a field
+becomes a uint64 key of its bytes, see data_prep/reader.py, looked up in numpy hash
+tables, see data_prep/columns.py), in two passes (1: count on train rows, 2: encode
+and write).  Pass 1 spills its parsed chunks of the input to a scratch file in the
+temporary output directory (about the size of the raw text) and pass 2 replays it
+instead of parsing the text again; ``--no_cache`` (or too little free disk) re-reads
+the text instead, with the same result.
+
+Memory does not grow with the file: nothing is kept per row, and the token counts of
+pass 1 (whose number grows with the file: most hashed Criteo tokens are rare) are
+held in at most ``--count_mb`` MiB (default 16); beyond that they go to scratch
+files partitioned by a hash of the token and are merged one partition at a time when
+fitting, so that memory is bounded by that budget plus the fitted vocabularies.  The
+result is exactly that of counting in memory.
+
+``--workers`` threads (default 2) tokenise blocks, look up known values and count the
+tokens of each block; the file-order bookkeeping (line numbers, bad lines, new
+values, the split) stays in one thread, and pass 2 encodes blocks in the worker
+threads while that thread writes the store (numpy releases the GIL).  The output does
+not depend on the number of threads or on ``--chunk_mb``.  The output directory is
+written under a temporary name and renamed at the end: it appears complete or not at
+all.
 
 Formats
 -------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from common.errors import FlagError, cli_errors, die
 from common.store import DEFAULT_CHUNK_ROWS
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "standardisation into a numeric field (csv default)")
     p.add_argument("--chunk_mb", type=float, default=4.0, help="MiB of raw text parsed per chunk")
     p.add_argument("--chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per stored LMDB chunk")
+    p.add_argument("--count_mb", type=float, default=16.0,
+                   help="MiB for the token counts of pass 1; past it they go to scratch files next to the output "
+                        "and are merged one hash partition at a time (same result, bounded memory)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads that tokenise, parse and encode chunks (the output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no_cache", dest="cache", action="store_false", default=None,
                    help="parse the input again in pass 2 instead of replaying pass 1's scratch file "
@@ -79,6 +85,10 @@ def options_from_args(a):
         raise FlagError("chunk_rows", f"must be >= 1, got {a.chunk_rows}")
     if not a.chunk_mb > 0:
         raise FlagError("chunk_mb", f"must be > 0, got {a.chunk_mb}")
+    if a.workers < 1:
+        raise FlagError("workers", f"must be >= 1, got {a.workers}")
+    if not a.count_mb > 0:
+        raise FlagError("count_mb", f"must be > 0, got {a.count_mb}")
     if (a.valid or a.test) and a.split != "0.8,0.1,0.1":
         raise FlagError("split", "--split applies to a single --input; not with --valid/--test")
     if (a.valid or a.test) and a.stratify:
@@ -88,12 +98,33 @@ def options_from_args(a):
     return Options(format=a.format, input=a.input, output=a.output, valid=a.valid, test=a.test, spec=a.spec,
                    min_count=a.min_count, split=split, seed=a.seed, rows=a.rows, on_bad_line=a.on_bad_line,
                    stratify=a.stratify, numeric=a.numeric, block_mb=a.chunk_mb, chunk_rows=a.chunk_rows,
-                   overwrite=a.overwrite, progress=a.progress, base_ctr=a.base_ctr, cache=a.cache)
+                   overwrite=a.overwrite, progress=a.progress, base_ctr=a.base_ctr, cache=a.cache,
+                   count_mb=a.count_mb, workers=a.workers)
+
+
+def _tune_malloc() -> None:
+    """glibc only: serve allocations below 8 MiB from the heap and keep up to 16 MiB free
+    at its top.  The chunk-sized numpy buffers of both passes (a few MiB each, allocated
+    and freed for every block) are then reused instead of being mapped, returned and
+    faulted in afresh each time (glibc's default adapts its thresholds as it goes, which
+    for this pattern costs about twice the system time and lets the heap creep); bigger
+    arrays (the token counts) are mapped and returned to the system when freed."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 8 << 20)         # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 16 << 20)        # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):     # not glibc
+        pass
 
 
 def main(argv=None) -> int:
     from data_prep.pipeline import prepare
 
+    _tune_malloc()
     with cli_errors():
         args = build_parser().parse_args(argv)
         opts = options_from_args(args)

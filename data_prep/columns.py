@@ -2,18 +2,22 @@
 
 Plain categorical columns never leave numpy: their values are uint64 keys (see
 ``data_prep.reader``), counted per chunk with ``np.unique`` and merged by a stable sort
-in pass 1, and looked up in a uint64 hash table of the fitted vocabulary in pass 2.
-Columns whose raw values must be parsed (labels, numbers, Avazu hours, libFM items,
-bucketised numerics) go through a :class:`ValueMap`: each *distinct* raw value is
-parsed once in Python and cached, rows only index into the cache.  Memory is
-bounded by the number of distinct values, never by the number of rows.
+in pass 1 (within a memory budget, beyond which the counts go to disk in hash
+partitions: :class:`CountSpill`), and looked up in a uint64 hash table of the fitted
+vocabulary in pass 2 (:class:`KeyTable`, vectorised open addressing).  Columns whose
+raw values must be parsed (labels, numbers, Avazu hours, libFM items, bucketised
+numerics) go through a :class:`ValueMap`: each *distinct* raw value is parsed once in
+Python and cached, rows only index into the cache.  Nothing is kept per row.
 """
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import zlib
+from collections import Counter
 
 import numpy as np
-import pandas as pd
 
 from common.encoders import (TRANSFORMS, CategoricalEncoder, SequenceEncoder, StandardScaler, Vocabulary,
                              bucket_token, parse_number)
@@ -21,36 +25,258 @@ from common.schema import OOV_INDEX, PAD_INDEX
 from data_prep.reader import key_strings, string_keys
 
 _COMPACT_MIN = 1 << 16
-
-try:  # pandas' uint64 hash table: the engine behind Index.get_indexer, without its per-call overhead
-    from pandas._libs.hashtable import UInt64HashTable as _U64Table
-except ImportError:  # pragma: no cover - fall back to the public API
-    _U64Table = None
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)        # Fibonacci hashing: the top bits of key * this
+_PART_MUL = np.uint64(0xD6E8FEB86659FD93)        # another odd multiplier, for spill partitions
 
 
 class KeyTable:
-    """Unique uint64 keys -> their positions; ``lookup`` gives -1 for unknown keys."""
+    """Unique uint64 keys -> their positions, or ``values[position]``; ``lookup`` gives
+    ``default`` for unknown keys (no value may equal ``default``).
 
-    def __init__(self, keys: np.ndarray):
+    An open-addressing hash table (linear probing, load <= 1/4) built and probed with
+    whole-array numpy operations: a lookup is a handful of vectorised passes (hash,
+    gather, compare; the few keys that meet another key in their home slot take more
+    rounds), with no Python work per key.  Probe runs continue into a tail past the
+    last home slot instead of wrapping; the table always ends with an empty slot."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray | None = None, default: int = -1):
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        if _U64Table is not None:
-            self._t = _U64Table(max(len(keys), 8))
-            self._t.map_locations(keys)
+        n = len(keys)
+        bits = max(4, (4 * n - 1).bit_length())
+        self._shift = np.uint64(64 - bits)
+        self.default = default
+        size = (1 << bits) + 16
+        self._keys = np.zeros(size, np.uint64)
+        self._pos = np.full(size, -1, np.int32 if n < 2**31 else np.int64)
+        pend = np.arange(n)
+        h = self._home(keys)
+        while len(pend):
+            if int(h.max()) >= len(self._pos) - 1:         # keep an empty slot at the end
+                grow = int(h.max()) - len(self._pos) + 17
+                self._keys = np.concatenate([self._keys, np.zeros(grow, np.uint64)])
+                self._pos = np.concatenate([self._pos, np.full(grow, -1, self._pos.dtype)])
+            k = keys[pend]
+            occ = self._pos[h] >= 0
+            dup = occ & (self._keys[h] == k)              # a repeated key: the first one stays
+            free = np.flatnonzero(~occ)
+            _, first = np.unique(h[free], return_index=True)
+            win = free[first]                             # the first claimant of each free slot
+            self._keys[h[win]] = k[win]
+            self._pos[h[win]] = pend[win]
+            stay = ~dup
+            stay[win] = False
+            h = h + (occ & ~dup)                          # losers of a free slot retry that slot
+            pend, h = pend[stay], h[stay]
+        occupied = self._pos >= 0
+        if values is None:
+            self._val = np.where(occupied, self._pos, default).astype(self._pos.dtype)
         else:
-            self._t = None
-            self._idx = pd.Index(keys)
+            values = np.asarray(values)
+            self._val = np.full(len(self._pos), default, values.dtype)
+            self._val[occupied] = values[self._pos[occupied]]
+
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            h = np.multiply(keys, _HASH_MUL)
+        h >>= self._shift
+        return h.view(np.int64)                           # < 2**bits: the same numbers as intp
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        if self._t is not None:
-            return self._t.lookup(keys)
-        return self._idx.get_indexer(keys)
+        h = self._home(keys)
+        out = self._val[h]
+        miss = np.flatnonzero(self._keys[h] != keys)      # empty slots hold key 0 and the default
+        if len(miss):
+            out[miss] = self.default
+            hm = h[miss]
+            live = self._pos[hm] >= 0                     # another key sits there: probe on
+            miss, hm = miss[live], hm[live]
+            q = keys[miss]
+            while len(miss):
+                hm = hm + 1
+                hit = self._keys[hm] == q
+                out[miss[hit]] = self._val[hm[hit]]
+                go = ~hit & (self._pos[hm] >= 0)
+                miss, hm, q = miss[go], hm[go], q[go]
+        return out
 
 
 def unique_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique keys and their counts."""
-    uniq, cnt = np.unique(keys, return_counts=True)
-    return uniq, cnt.astype(np.int64)
+    """Sorted unique keys and their (int64) counts (``np.unique`` with fewer passes)."""
+    a = np.sort(keys)
+    flag = np.empty(len(a) + 1, bool)
+    flag[0] = flag[-1] = True
+    np.not_equal(a[1:], a[:-1], out=flag[1:-1])
+    idx = np.flatnonzero(flag)
+    return a[idx[:-1]], np.diff(idx)
+
+
+def merge_counts(runs: list) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(keys, counts)`` runs -> one sorted run with the counts of equal keys added.
+
+    A stable sort of concatenated sorted runs is a merge (timsort), cheaper than hashing."""
+    runs = [r for r in runs if len(r[0])]
+    if not runs:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    if len(runs) == 1:
+        return runs[0]
+    ks = np.concatenate([u for u, _ in runs])
+    cs = np.concatenate([c for _, c in runs])
+    o = np.argsort(ks, kind="stable")
+    ks = ks[o]
+    cs = cs[o]
+    del o
+    start = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+    return ks[start], np.add.reduceat(cs, start).astype(np.int64, copy=False)
+
+
+class CountSpill:
+    """Bounds the memory of the token counters: past ``budget`` entries in all counters
+    together, every counter's counts go to ``parts`` scratch files by a hash of the token,
+    and the counters start empty again.  Fitting then merges the partitions a few at a
+    time, as many as the budget holds (a token's counts all land in one partition; a
+    partition that alone is too big is split again by further bits of the hash), so
+    memory stays bounded by the budget and the kept vocabularies, whatever the number of
+    distinct tokens in the file.  The result is exactly that of counting in memory."""
+
+    ENTRY_BYTES = 16            # a counted key: uint64 key + int64 count
+    STRING_ENTRY = 8            # a string token counts as this many key entries
+    BITS = 6                    # hash bits per level of partitioning
+
+    def __init__(self, directory: str, budget_bytes: int, parts: int = 64):
+        self.directory = directory
+        self.budget = max(int(budget_bytes) // self.ENTRY_BYTES, 1 << 12)
+        self.parts = parts
+        self.spills = 0
+        self.counters: list[KeyCounter] = []
+
+    def register(self, counter: "KeyCounter") -> None:
+        counter.spill_id = len(self.counters)
+        self.counters.append(counter)
+
+    def entries(self) -> int:
+        return sum(c.entries() for c in self.counters)
+
+    def maybe_spill(self) -> bool:
+        if self.entries() > self.budget:
+            self.spill()
+            return True
+        return False
+
+    def _path(self, p: int) -> str:
+        return os.path.join(self.directory, f"part{p:03d}")
+
+    def spill(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        files = [open(self._path(p), "ab") for p in range(self.parts)]
+        try:
+            for c in self.counters:                        # one at a time: little memory on top
+                self._write(files, [(c.spill_id, c.take_counts() + (c.take_strings(),))], 0)
+        finally:
+            for f in files:
+                f.close()
+        self.spills += 1
+
+    def _part(self, keys: np.ndarray, level: int) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            h = keys * _PART_MUL
+        h >>= np.uint64(64 - self.BITS * (level + 1))
+        h &= np.uint64(self.parts - 1)
+        return h.astype(np.uint8)
+
+    def _str_part(self, t: str, level: int) -> int:
+        return (zlib.crc32(t.encode("utf-8", "surrogateescape")) >> (self.BITS * level)) % self.parts
+
+    def _write(self, files: list, recs: list, level: int) -> None:
+        """Append ``(counter id, (keys, counts, strings))`` to the partition files (open
+        binary files): one pickled list of ``(counter id, keys, counts, strings)`` per file."""
+        P = len(files)
+        out: list[list] = [[] for _ in range(P)]
+        for cid, (keys, cnts, strs) in recs:
+            if len(keys):
+                part = self._part(keys, level)
+                o = np.argsort(part, kind="stable")            # radix sort; stays sorted by key within a part
+                keys, cnts = keys[o], cnts[o]
+                bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=P))]).tolist()
+                for p in range(P):
+                    if bounds[p + 1] > bounds[p]:
+                        out[p].append((cid, keys[bounds[p]:bounds[p + 1]], cnts[bounds[p]:bounds[p + 1]], None))
+            if strs:
+                by_part: list[dict] = [{} for _ in range(P)]
+                for t, n in strs.items():
+                    by_part[self._str_part(t, level)][t] = n
+                for p, d in enumerate(by_part):
+                    if d:
+                        out[p].append((cid, None, None, d))
+        for fh, items in zip(files, out):
+            if items:
+                pickle.dump(items, fh, protocol=5)
+
+    @staticmethod
+    def _records(path: str):
+        with open(path, "rb") as fh:
+            while True:
+                try:
+                    yield from pickle.load(fh)
+                except EOFError:
+                    return
+
+    def _size(self, path: str) -> int:
+        """About the entries in a partition file."""
+        return os.path.getsize(path) // self.ENTRY_BYTES if os.path.exists(path) else 0
+
+    def reduce(self, min_counts: list[int]) -> None:
+        """Merge the partitions; each counter keeps only its tokens seen ``min_count`` times
+        (see :meth:`KeyCounter.fit`) plus the total count of the others."""
+        if self.spills == 0:
+            return
+        self.spill()                                       # what is still in memory
+        for c in self.counters:
+            c.spilled = True
+        self._reduce_files([self._path(p) for p in range(self.parts)], min_counts, 0)
+
+    def _reduce_files(self, paths: list[str], min_counts: list[int], level: int) -> None:
+        group: list[str] = []
+        size = 0
+        for path in paths + [None]:
+            n = self._size(path) if path is not None else 0
+            if group and (path is None or size + n > self.budget):
+                self._merge(group, min_counts)
+                group, size = [], 0
+            if path is None or not n:
+                continue
+            if n > 2 * self.budget and level < 3:          # one partition too big: split it further
+                subs = [f"{path}.{q:03d}" for q in range(self.parts)]
+                files = [open(sub, "ab") for sub in subs]
+                try:
+                    for cid, k, c, d in self._records(path):
+                        self._write(files, [(cid, (k if k is not None else np.zeros(0, np.uint64),
+                                                   c if c is not None else np.zeros(0, np.int64), d or {}))],
+                                    level + 1)
+                finally:
+                    for f in files:
+                        f.close()
+                os.unlink(path)
+                self._reduce_files(subs, min_counts, level + 1)
+                continue
+            group.append(path)
+            size += n
+
+    def _merge(self, paths: list[str], min_counts: list[int]) -> None:
+        runs: dict[int, list] = {}
+        strs: dict[int, dict] = {}
+        for path in paths:
+            for cid, k, n, d in self._records(path):
+                if k is not None:
+                    runs.setdefault(cid, []).append((k, n))
+                else:
+                    s = strs.setdefault(cid, {})
+                    for t, v in d.items():
+                        s[t] = s.get(t, 0) + v
+            os.unlink(path)
+        for cid, c in enumerate(self.counters):
+            if cid in runs or cid in strs:
+                c.absorb(merge_counts(runs.pop(cid, [])), strs.pop(cid, {}), min_counts[cid])
 
 
 class KeyCounter:
@@ -64,6 +290,14 @@ class KeyCounter:
         self._pending_n = 0
         self.strs: dict[str, int] = {}
         self.missing = 0
+        self.spill_id = -1
+        self.spilled = False                 # counts were reduced through a CountSpill
+        self._kept: list = []                # after a spill: kept (keys, counts) runs
+        self._kept_strs: dict[str, int] = {}
+        self._oov = 0
+
+    def entries(self) -> int:
+        return len(self.keys) + self._pending_n + CountSpill.STRING_ENTRY * len(self.strs)
 
     def add_keys(self, keys: np.ndarray) -> None:
         if len(keys):
@@ -89,45 +323,85 @@ class KeyCounter:
             d[t] = d.get(t, 0) + int(c)
 
     def _compact(self) -> None:
-        """Merge the pending (sorted) per-chunk counts into ``keys``/``cnts`` (sorted by key).
-
-        A stable sort of concatenated sorted runs is a merge (timsort), cheaper than hashing."""
+        """Merge the pending (sorted) per-chunk counts into ``keys``/``cnts`` (sorted by key)."""
         if not self._pending:
             return
-        ks = np.concatenate([self.keys] + [u for u, _ in self._pending])
-        cs = np.concatenate([self.cnts] + [c for _, c in self._pending])
+        runs = [(self.keys, self.cnts)] + self._pending
         self._pending, self._pending_n = [], 0
-        if not len(ks):
-            return
-        o = np.argsort(ks, kind="stable")
-        ks, cs = ks[o], cs[o]
-        start = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
-        self.keys = ks[start]
-        self.cnts = np.add.reduceat(cs, start).astype(np.int64)
+        self.keys, self.cnts = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self.keys, self.cnts = merge_counts(runs)
 
-    def fit(self, min_count: int) -> tuple[Vocabulary, np.ndarray]:
-        """The vocabulary (count desc, then token) and the uint64 key of each token (0 = long token)."""
-        long: dict[str, int] = {}
-        if self.strs:   # short string tokens (sequence items) join the key counts, long ones stay strings
-            toks = list(self.strs)
-            keys, short = string_keys(toks, self.encoding)
-            cnt = np.fromiter(self.strs.values(), dtype=np.int64, count=len(toks))
-            self._pending.append((keys[short], cnt[short]))
-            long = {t: c for t, c, sh in zip(toks, cnt.tolist(), short.tolist()) if not sh}
+    def take_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """All key counts (sorted by key), short string tokens included; the counter keeps none."""
+        self._short_strings_to_keys()
         self._compact()
+        out = (self.keys, self.cnts)
+        self.keys, self.cnts = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        return out
+
+    def take_strings(self) -> dict:
+        out, self.strs = self.strs, {}
+        return out
+
+    def _short_strings_to_keys(self) -> None:
+        """String tokens (sequence items) of at most 8 bytes join the key counts; only the
+        longer ones stay strings."""
+        if not self.strs:
+            return
+        toks = list(self.strs)
+        keys, short = string_keys(toks, self.encoding)
+        cnt = np.fromiter(self.strs.values(), dtype=np.int64, count=len(toks))
+        if short.any():
+            k, c = keys[short], cnt[short]
+            o = np.argsort(k, kind="stable")
+            self._pending.append((k[o], c[o]))
+            self._pending_n += len(k)
+        self.strs = {t: c for t, c, sh in zip(toks, cnt.tolist(), short.tolist()) if not sh}
+
+    def absorb(self, run: tuple[np.ndarray, np.ndarray], strs: dict, min_count: int) -> None:
+        """One partition's complete counts: keep the tokens seen ``min_count`` times."""
+        keys, cnts = run
+        if len(keys) and keys[0] == 0:                     # key 0 = empty field (sorted first)
+            self.missing += int(cnts[0])
+            keys, cnts = keys[1:], cnts[1:]
+        keep = cnts >= min_count
+        self._oov += int(cnts[~keep].sum())
+        if keep.any():
+            self._kept.append((keys[keep], cnts[keep]))
+        for t, c in strs.items():
+            if c >= min_count:
+                self._kept_strs[t] = c
+            else:
+                self._oov += c
+
+    def _reduced(self, min_count: int):
+        """(kept keys, their counts, kept long string tokens, oov count); missing counted."""
+        if self.spilled:
+            keys, cnts = merge_counts(self._kept)
+            long_kept, oov = self._kept_strs, self._oov
+            self._kept, self._kept_strs = [], {}
+            return keys, cnts, long_kept, oov
+        self._short_strings_to_keys()
+        self._compact()
+        long = self.strs
         nz = self.keys != 0
         self.missing += int(self.cnts[~nz].sum())
         keys, cnts = self.keys[nz], self.cnts[nz]
         keep = cnts >= min_count
         oov = int(cnts[~keep].sum()) + sum(c for c in long.values() if c < min_count)
-        keys, cnts = keys[keep], cnts[keep]
+        return keys[keep], cnts[keep], {t: c for t, c in long.items() if c >= min_count}, oov
+
+    def fit(self, min_count: int) -> tuple[Vocabulary, np.ndarray]:
+        """The vocabulary (count desc, then token) and the uint64 key of each token (0 = long token)."""
+        keys, cnts, long_kept, oov = self._reduced(min_count)
         # order: count desc, then token; big-endian key order is the byte order of the strings
         order = np.lexsort((keys.byteswap(), -cnts))
         keys, cnts = keys[order], cnts[order]
         tokens = key_strings(keys, self.encoding)
-        long_kept = {t: c for t, c in long.items() if c >= min_count}
         c_list = cnts.tolist()
-        ties_ok = all(a < b for a, b, ca, cb in zip(tokens, tokens[1:], c_list, c_list[1:]) if ca == cb)
+        # byte order is string order for ASCII (and UTF-8); check the ties otherwise
+        ties_ok = not (keys & np.uint64(0x8080808080808080)).any() or \
+            all(a < b for a, b, ca, cb in zip(tokens, tokens[1:], c_list, c_list[1:]) if ca == cb)
         if long_kept or not ties_ok:       # rare: fall back to sorting the strings themselves
             v = Vocabulary.fit({**dict(zip(tokens, c_list)), **long_kept}, min_count, self.missing)
             v.oov_count = oov
@@ -138,6 +412,7 @@ class KeyCounter:
     def release(self) -> None:
         """Free the counts once the vocabulary is fitted."""
         self.keys, self.cnts, self.strs, self._pending = np.zeros(0, np.uint64), np.zeros(0, np.int64), {}, []
+        self._kept, self._kept_strs = [], {}
 
 
 class VocabIndex:
@@ -153,25 +428,25 @@ class VocabIndex:
         k = keys[idx]
         _, first = np.unique(k, return_index=True)          # guard against duplicate keys
         first.sort()
-        # key 0 (empty field) -> PAD; unknown keys (-1) -> OOV
-        self.index = KeyTable(np.append(k[first], np.uint64(0)))
-        self.vidx = np.concatenate([(idx[first] + 2).astype(np.int32), np.array([PAD_INDEX, OOV_INDEX], np.int32)])
+        # key 0 (empty field) -> PAD; unknown keys -> OOV
+        self.index = KeyTable(np.append(k[first], np.uint64(0)),
+                              np.append((idx[first] + 2).astype(np.int32), np.int32(PAD_INDEX)), OOV_INDEX)
         self._tok_index = None
 
     @property
-    def tok_index(self) -> pd.Index:
+    def tok_index(self) -> dict:
         if self._tok_index is None:
-            self._tok_index = pd.Index(self.vocab.tokens, dtype=object)
+            self._tok_index = self.vocab.index
         return self._tok_index
 
     def lookup_keys(self, keys: np.ndarray) -> np.ndarray:
-        return self.vidx[self.index.lookup(keys)]
+        return self.index.lookup(keys)
 
     def lookup_tokens(self, tokens) -> np.ndarray:
         if not len(tokens):
             return np.zeros(0, np.int32)
-        pos = self.tok_index.get_indexer(pd.Index(tokens, dtype=object))
-        return np.where(pos >= 0, pos + 2, OOV_INDEX).astype(np.int32)
+        get = self.tok_index.get
+        return np.fromiter((get(t, OOV_INDEX) for t in tokens), dtype=np.int32, count=len(tokens))
 
 
 class ValueMap:
@@ -187,9 +462,10 @@ class ValueMap:
         self._err_arr = np.zeros(0, bool)
         self._floats = np.full(1, np.nan)
         self._idx_keys = np.zeros(1, np.uint64)            # key 0 = empty field -> id -1
-        self._idx_ids = np.array([-1], np.int64)
-        self._index = KeyTable(self._idx_keys)
-        self._lut = np.array([-1, -2], np.int64)            # [-1] (unknown key) -> -2
+        self._idx_ids = np.array([-1], np.int32)
+        # known key -> id (-2: unknown); replaced as a whole, so a reference taken by another
+        # thread stays consistent
+        self._snap = KeyTable(self._idx_keys, self._idx_ids, -2)
         self._pending: dict[int, int] = {}
         self._long: dict[str, int] = {}
 
@@ -210,28 +486,40 @@ class ValueMap:
 
     def _reindex(self) -> None:
         pk = np.fromiter(self._pending.keys(), dtype=np.uint64, count=len(self._pending))
-        pi = np.fromiter(self._pending.values(), dtype=np.int64, count=len(self._pending))
+        pi = np.fromiter(self._pending.values(), dtype=np.int32, count=len(self._pending))
         self._idx_keys = np.concatenate([self._idx_keys, pk])
         self._idx_ids = np.concatenate([self._idx_ids, pi])
-        self._index = KeyTable(self._idx_keys)
-        self._lut = np.append(self._idx_ids, np.int64(-2))
+        self._snap = KeyTable(self._idx_keys, self._idx_ids, -2)
         self._pending = {}
 
-    def row_ids(self, chunk, j: int) -> np.ndarray:
+    def known_ids(self, keys: np.ndarray) -> tuple:
+        """Ids of the keys already indexed (-2 = not yet): thread-safe, no state changes.
+        Finish with :meth:`row_ids` (``pre=`` this result) in file order."""
+        snap = self._snap
+        return snap, snap.lookup(keys)
+
+    def row_ids(self, chunk, j: int, pre: tuple | None = None) -> np.ndarray:
+        """int32 id of each row's value (-1 = empty); new values are parsed and added."""
         keys = chunk.keys(j)
-        ids = self._lut[self._index.lookup(keys)]
+        if pre is None:
+            pre = self.known_ids(keys)
+        snap, ids = pre
         unk = np.flatnonzero(ids == -2)
+        if len(unk) and snap is not self._snap:           # indexed since that lookup
+            ids[unk] = self._snap.lookup(keys[unk])
+            unk = unk[ids[unk] == -2]
         if len(unk):
-            codes, uniq = pd.factorize(keys[unk])
+            uniq, codes = np.unique(keys[unk], return_inverse=True)
             ul = uniq.tolist()
             get = self._pending.get
-            uid = np.array([get(k, -2) for k in ul], dtype=np.int64)
+            uid = np.array([get(k, -2) for k in ul], dtype=np.int32)
             new = np.flatnonzero(uid == -2)
             if len(new):
                 for p, t in zip(new.tolist(), key_strings(uniq[new], chunk.encoding)):
                     uid[p] = self._pending[ul[p]] = self._add(t)
-            ids[unk] = uid[codes]
-            if len(self._pending) > max(256, len(self._idx_keys) // 4):
+            ids[unk] = uid[codes.reshape(-1)]
+            # index the new values once that is cheaper than this path (or amortised: the table grows by 1/4)
+            if len(unk) > len(self._idx_keys) or len(self._pending) > len(self._idx_keys) // 4:
                 self._reindex()
         rows = chunk.long_rows(j)
         if rows is not None:
@@ -289,8 +577,8 @@ class LabelColumn:
 
         self.map = ValueMap(parse)
 
-    def parse(self, chunk, j):
-        return self.map.row_ids(chunk, j).astype(np.int32)
+    def parse(self, chunk, j, pre=None):
+        return self.map.row_ids(chunk, j, pre)
 
     def bad(self, ids):
         out = []
@@ -366,8 +654,8 @@ class MappedCatColumn:
         self._lut = np.array([PAD_INDEX], np.int32)
         self._lut_n = 0
 
-    def parse(self, chunk, j):
-        return self.map.row_ids(chunk, j).astype(np.int32)
+    def parse(self, chunk, j, pre=None):
+        return self.map.row_ids(chunk, j, pre)
 
     def bad(self, ids):
         rows = self.map.bad_rows(ids)
@@ -376,9 +664,9 @@ class MappedCatColumn:
         return [(rows, lambda r: f"column {self.spec.column!r}: {self.map.errors[int(ids[r])]}")]
 
     def count(self, ids, train):
-        t = ids[train]
-        self.missing += int((t < 0).sum())
-        c = np.bincount(t[t >= 0], minlength=len(self.map.values))
+        c = np.bincount(ids[train] + 1)              # [0]: missing (id -1)
+        self.missing += int(c[0])
+        c = c[1:]
         if len(self.counts) < len(c):
             self.counts = np.concatenate([self.counts, np.zeros(len(c) - len(self.counts), np.int64)])
         self.counts[:len(c)] += c
@@ -391,14 +679,18 @@ class MappedCatColumn:
         self.vocab = Vocabulary.fit(by_tok, self.spec.min_count, self.missing)
         return self.vocab
 
-    def encode(self, ids) -> np.ndarray:
+    def sync(self) -> None:
+        """Extend the raw-id -> index table to the values seen so far (not thread-safe)."""
         nv = len(self.map.values)
-        if self._lut_n != nv:        # extend the raw-id -> index table for values first seen now
+        if self._lut_n != nv:
             idx = self.vocab.index
             new = [OOV_INDEX if t is None else idx.get(t, OOV_INDEX) for t in self.map.values[self._lut_n:]]
             self._lut = np.concatenate([self._lut[:self._lut_n], np.array(new, np.int32),
                                         np.array([PAD_INDEX], np.int32)])     # [-1] -> missing
             self._lut_n = nv
+
+    def encode(self, ids) -> np.ndarray:
+        """Indices of raw-value ids; :meth:`sync` first when values were added since."""
         return self._lut[ids]
 
     def encoder(self) -> CategoricalEncoder:
@@ -414,8 +706,8 @@ class NumColumn:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
         self.scaler: StandardScaler | None = None
 
-    def parse(self, chunk, j):
-        return self.map.row_ids(chunk, j).astype(np.int32)
+    def parse(self, chunk, j, pre=None):
+        return self.map.row_ids(chunk, j, pre)
 
     def bad(self, ids):
         rows = self.map.bad_rows(ids)
@@ -471,7 +763,7 @@ class SeqColumn:
     def count(self, items, train):
         flat = [t for row, tr in zip(items, train.tolist()) if tr for t in row]
         if flat:
-            self.counter.add_string_counts(pd.Series(flat, dtype=object).value_counts().to_dict())
+            self.counter.add_string_counts(Counter(flat))
 
     def encode(self, items) -> np.ndarray:
         n, L = len(items), self.spec.max_len

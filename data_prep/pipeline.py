@@ -11,7 +11,14 @@ or not at all.  Pass 1 also spills its parsed chunks of the input it reads (uint
 keys / value ids, labels, split ids: about the size of the raw text) to a scratch
 file in that temporary directory, and pass 2 replays them instead of parsing that
 text a second time (``cache=False`` / ``--no_cache``, or too little free disk, turns
-this off).  Disk, not memory: memory stays bounded by the vocabulary sizes.
+this off).  Disk, not memory: the token counts of pass 1 beyond ``count_mb`` go to
+hash-partitioned scratch files there too (:class:`data_prep.columns.CountSpill`), so
+memory stays bounded by that budget and the vocabulary sizes.
+
+Threads: ``workers`` threads tokenise the blocks of a file and do the per-block work
+that needs no shared state (:meth:`Prep._prework`); one thread does the rest in file
+order.  In pass 2 the worker threads encode the records (:meth:`Prep._encode`) while
+that thread reads them and writes the store.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import os
 import pickle
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +38,9 @@ from common.io import atomic_directory
 from common.schema import Field, Schema
 from common.store import DEFAULT_CHUNK_ROWS, STORE_DIR, StoreWriter, layout_for
 from data_prep import plan as plans
-from data_prep.columns import (CatColumn, KeyCounter, LabelColumn, MappedCatColumn, NumColumn, SeqColumn,
-                               VocabIndex)
-from data_prep.reader import SkipLog, TextTable, first_line, prefetch
+from data_prep.columns import (CatColumn, CountSpill, KeyCounter, LabelColumn, MappedCatColumn, NumColumn,
+                               SeqColumn, VocabIndex)
+from data_prep.reader import SkipLog, TextTable, first_line, ordered_map
 from data_prep.split import SPLIT_NAMES, TEST, TRAIN, VALID, Splitter
 
 
@@ -57,15 +65,34 @@ class Options:
     progress: bool | None = None        # None: only on a terminal
     base_ctr: float = 0.25
     cache: bool | None = None           # spill pass 1 to disk for pass 2 (None: if the disk has room)
+    count_mb: float = 16.0              # memory for the token counts of pass 1 (more goes to disk)
+    workers: int = 2                    # threads that tokenise, look up and encode chunks
 
 
 def _progress(total: int, desc: str, enabled):
+    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+        return None                       # (and tqdm is not even imported)
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False,
                 disable=(None if enabled is None else not enabled), dynamic_ncols=True)
+
+
+@dataclass
+class _Pre:
+    """What :meth:`Prep._prework` made of a chunk in a worker thread."""
+    chunk: object
+    lines_before: int
+    lines: int
+    row0: int
+    labs: list
+    cats: list
+    nums: list
+    seqs: list
+    split: np.ndarray | None
+    prepped: list | None
 
 
 class Prep:
@@ -95,6 +122,9 @@ class Prep:
             self.seqs.append(SeqColumn(s, self.counters[owner]))
         self.files = self._files()
         self.cache_path: str | None = None
+        self.spill: CountSpill | None = None
+        self.workers = max(1, int(opts.workers))
+        self._row_shift = 0
         self.layouts = {path: p.layout(path) for path, _ in self.files}
         self.splitter = Splitter(opts.split, opts.seed, opts.stratify)
 
@@ -134,16 +164,48 @@ class Prep:
         block = max(int(self.o.block_mb * (1 << 20)), 1 << 16)
         return TextTable(path, lay.delimiter, len(lay.names), lay.header, lay.quotechar, lay.encoding, block,
                          self.o.rows, self.o.on_bad_line, self.skiplog,
-                         columns=[lay.index(c) for c in self.plan.columns_used()])
+                         columns=[lay.index(c) for c in self.plan.columns_used()],
+                         string_cols=[lay.index(s.column) for s in self.plan.seqs])
 
     # ----- per chunk --------------------------------------------------------------------------
-    def _parse(self, chunk, lay):
+    def _prework(self, chunk, lines_before: int, lines: int, role, counting: bool):
+        """The part of reading a chunk that runs in the tokenising worker threads: lookups of
+        known values, the plain categorical keys, sequence items, and (pass 1) the split and
+        per-chunk token counts, computed from a guess of the chunk's first row number (right
+        unless earlier lines were blank or bad).  Changes no shared state: :meth:`_parse`
+        finishes in file order and redoes what the guess or a changed chunk invalidates."""
+        idx = self.layouts[chunk.path].index
+        labs = [c.map.known_ids(chunk.keys(idx(c.spec.column))) for c in self.labels]
+        cats = [c.parse(chunk, idx(c.spec.column)) if isinstance(c, CatColumn)
+                else c.map.known_ids(chunk.keys(idx(c.spec.column))) for c in self.cats]
+        nums = [c.map.known_ids(chunk.keys(idx(c.spec.column))) for c in self.nums]
+        seqs = [c.parse(chunk, idx(c.spec.column)) for c in self.seqs]
+        row0 = lines_before - self._row_shift
+        split = prepped = None
+        if role is not None:
+            split = np.full(chunk.n, role, np.int8)
+        elif not self.splitter.stratify:
+            split = self.splitter.assign_at(row0, chunk.n)
+        if counting and split is not None:
+            prepped = self._count_prep(cats, split == TRAIN)
+        return _Pre(chunk, lines_before, lines, row0, labs, cats, nums, seqs, split, prepped)
+
+    def _count_prep(self, cats, train):
+        if not train.any():
+            return None
+        return [c.count_prep(d, train) for c, d in zip(self.cats, cats) if isinstance(c, CatColumn)]
+
+    def _parse(self, chunk, lay, pre=None):
         idx = lay.index
         while True:
-            labs = [c.parse(chunk, idx(c.spec.column)) for c in self.labels]
-            cats = [c.parse(chunk, idx(c.spec.column)) for c in self.cats]
-            nums = [c.parse(chunk, idx(c.spec.column)) for c in self.nums]
-            seqs = [c.parse(chunk, idx(c.spec.column)) for c in self.seqs]
+            ok = pre is not None and pre.chunk is chunk        # the worker's results still apply
+            labs = [c.parse(chunk, idx(c.spec.column), pre.labs[i] if ok else None)
+                    for i, c in enumerate(self.labels)]
+            cats = [(pre.cats[i] if ok else c.parse(chunk, idx(c.spec.column))) if isinstance(c, CatColumn)
+                    else c.parse(chunk, idx(c.spec.column), pre.cats[i] if ok else None)
+                    for i, c in enumerate(self.cats)]
+            nums = [c.parse(chunk, idx(c.spec.column), pre.nums[i] if ok else None) for i, c in enumerate(self.nums)]
+            seqs = pre.seqs if ok else [c.parse(chunk, idx(c.spec.column)) for c in self.seqs]
             bad = []
             for cols, data in ((self.labels, labs), (self.cats, cats), (self.nums, nums), (self.seqs, seqs)):
                 for c, d in zip(cols, data):
@@ -165,33 +227,54 @@ class Prep:
             keep[list(first_reason)] = False
             chunk = chunk.take(np.flatnonzero(keep))
         label = np.stack([c.values(d) for c, d in zip(self.labels, labs)], 1) if labs else None
-        return chunk, label, cats, nums, seqs
+        return chunk, label, cats, nums, seqs, ok
 
     def _produce(self, desc: str):
+        """Records ``(path, n, label, cats, nums, seqs, split)`` of the files in order, each
+        with the per-chunk token counts of pass 1 when the worker threads made them (else None)."""
+        counting = desc == "count"
         for i, (path, role) in enumerate(self.files if desc == "encode" else self.files[:1]):
             if desc == "encode" and i == 0 and self.cache_path:
-                yield from self._replay()
+                for rec in self._replay():
+                    yield rec, None
                 continue
             spill = None
-            if desc == "count" and self.cache_path:
+            if counting and self.cache_path:
                 spill = open(self.cache_path, "wb")
                 self.skiplog.enabled = True      # this file is not read again: record its bad lines now
             table = self._table(path)
             self.splitter.reset()
+            self._row_shift = 0
             bar = _progress(os.path.getsize(path), f"{desc} {os.path.basename(path)}", self.o.progress)
             rows = 0
+            lay = self.layouts[path]
+
+            def post(chunk, lines_before, lines, role=role):
+                return self._prework(chunk, lines_before, lines, role, counting)
             try:
-                for chunk in table.chunks(bar):
-                    chunk, label, cats, nums, seqs = self._parse(chunk, self.layouts[path])
+                for chunk, pre in table.chunks(bar, workers=self.workers, post=post):
+                    chunk, label, cats, nums, seqs, ok = self._parse(chunk, lay, pre)
                     n = chunk.n
                     if not n:
                         continue
                     rows += n
-                    split = self.splitter.assign(label[:, 0], n) if role is None else np.full(n, role, np.int8)
+                    prepped = None
+                    if role is not None:
+                        split = pre.split if ok else np.full(n, role, np.int8)
+                        prepped = pre.prepped if ok else None
+                    elif ok and pre.split is not None and pre.row0 == self.splitter.position():
+                        split, prepped = pre.split, pre.prepped
+                        self.splitter.advance(n)
+                    else:
+                        split = self.splitter.assign(label[:, 0], n)
+                    if role is None:                 # guess the next chunks' first rows from here
+                        self._row_shift = pre.lines_before + pre.lines - self.splitter.position()
+                    if counting and prepped is None:
+                        prepped = self._count_prep(cats, split == TRAIN)
                     rec = (path, n, label, cats, nums, seqs, split)
                     if spill is not None:
                         pickle.dump(rec, spill, protocol=5)
-                    yield rec
+                    yield rec, prepped
             finally:
                 if bar is not None:
                     bar.close()
@@ -199,7 +282,6 @@ class Prep:
                     spill.close()
                     self.skiplog.enabled = False
             if rows == 0:
-                lay = self.layouts[path]
                 what = "no data rows after the header" if lay.header else "no data rows"
                 if self.skiplog.count or self.o.on_bad_line == "skip":
                     what = "no usable data rows (every line was skipped)"
@@ -228,19 +310,18 @@ class Prep:
         os.unlink(self.cache_path)
 
     # ----- pass 1 -----------------------------------------------------------------------------
-    def _count_stage(self):
-        """Pass-1 records plus the per-chunk unique/count work of the categorical columns
-        (done in the background thread; merging into the counters stays in the caller)."""
-        for rec in self._produce("count"):
-            train = rec[6] == TRAIN
-            prepped = [c.count_prep(d, train) for c, d in zip(self.cats, rec[3])
-                       if isinstance(c, CatColumn)] if train.any() else None
-            yield rec, train, prepped
+    def use_scratch(self, directory: str) -> None:
+        """Token counts beyond ``count_mb`` go to scratch files under ``directory``."""
+        self.spill = CountSpill(directory, int(self.o.count_mb * (1 << 20)))
+        for c in self.counters.values():
+            self.spill.register(c)
 
     def count(self) -> None:
-        for (_, n, label, cats, nums, seqs, split), train, prepped in prefetch(self._count_stage()):
-            if prepped is None:
+        spill = self.spill
+        for (_, n, label, cats, nums, seqs, split), prepped in self._produce("count"):
+            if prepped is None:                      # no training rows in this chunk
                 continue
+            train = split == TRAIN
             it = iter(prepped)
             for c, d in zip(self.cats, cats):
                 if isinstance(c, CatColumn):
@@ -251,6 +332,8 @@ class Prep:
                 c.count(d, train)
             for c, d in zip(self.seqs, seqs):
                 c.count(d, train)
+            if spill is not None and spill.maybe_spill():
+                _trim_heap()                         # the counts' memory is free again
 
     def fit(self) -> list[Field]:
         p = self.plan
@@ -259,10 +342,18 @@ class Prep:
         min_counts = {s.name: s.min_count for s in p.cats}
         for s in p.seqs:
             min_counts.setdefault(s.vocab or s.name, s.min_count)
-        for owner, counter in self.counters.items():
-            vocabs[owner], keys = counter.fit(min_counts[owner])
+        if self.spill is not None:
+            self.spill.reduce([min_counts[owner] for owner in self.counters])
+            shutil.rmtree(self.spill.directory, ignore_errors=True)
+        def fit_one(owner):
+            counter = self.counters[owner]
+            vocab, keys = counter.fit(min_counts[owner])
             counter.release()
-            indexes[owner] = VocabIndex(vocabs[owner], enc, keys)
+            return owner, vocab, VocabIndex(vocab, enc, keys)
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="data_prep-fit") as ex:   # independent columns
+            for owner, vocab, index in ex.map(fit_one, list(self.counters)):
+                vocabs[owner], indexes[owner] = vocab, index
         self.encoders, fields, taken = {}, [], set()
         shared = {}
         for s in p.seqs:
@@ -301,38 +392,46 @@ class Prep:
         return fields
 
     # ----- pass 2 -----------------------------------------------------------------------------
-    def _encode_stage(self):
-        """Pass-2 records encoded into the store's arrays, rows grouped by split
-        (in the background thread; the caller only appends them to the store)."""
-        n_cat, n_num = len(self.cats), len(self.nums)
-        seq_w = sum(s.max_len for s in self.plan.seqs)
-        for path, n, label, cats, nums, seqs, split in self._produce("encode"):
-            catT = np.empty((n_cat, n), np.int32)          # column-major while encoding
-            for i, (c, d) in enumerate(zip(self.cats, cats)):
-                catT[i] = c.encode(d)
-            numT = np.empty((n_num, n), np.float32)
-            for i, (c, d) in enumerate(zip(self.nums, nums)):
-                numT[i] = c.encode(d)
-            seq = np.empty((n, seq_w), np.int32)
-            off = 0
-            for c, d in zip(self.seqs, seqs):
-                seq[:, off:off + c.spec.max_len] = c.encode(d)
-                off += c.spec.max_len
-            # group rows by split (file order kept within a split) while transposing to rows
-            counts = np.bincount(split, minlength=3)
-            if counts.max() == n:
-                cat, num = np.ascontiguousarray(catT.T), np.ascontiguousarray(numT.T)
-            else:
-                order = np.argsort(split, kind="stable")
-                cat, num, seq, label = catT.T[order], numT.T[order], seq[order], label[order]
-            arrays = {"cat": cat, "num": num, "seq": seq, "label": label}
-            parts, lo = [], 0
-            for sid, name in enumerate(SPLIT_NAMES):
-                k = int(counts[sid])
-                if k:
-                    parts.append((name, {a: v[lo:lo + k] for a, v in arrays.items()}))
-                    lo += k
-            yield parts
+    def _records(self):
+        """Pass-2 records in file order, the encoders' lookup tables brought up to date
+        for each (so that :meth:`_encode` only reads shared state)."""
+        for rec, _ in self._produce("encode"):
+            for c in self.cats:
+                if isinstance(c, MappedCatColumn):
+                    c.sync()
+            for c in self.nums:
+                c.map.float_array()
+            yield rec
+
+    def _encode(self, rec):
+        """One record -> ``[(split name, arrays)]``, rows grouped by split (file order kept
+        within a split).  Runs in worker threads."""
+        path, n, label, cats, nums, seqs, split = rec
+        catT = np.empty((len(self.cats), n), np.int32)          # column-major while encoding
+        for i, (c, d) in enumerate(zip(self.cats, cats)):
+            catT[i] = c.encode(d)
+        numT = np.empty((len(self.nums), n), np.float32)
+        for i, (c, d) in enumerate(zip(self.nums, nums)):
+            numT[i] = c.encode(d)
+        seq = np.empty((n, self._seq_width), np.int32)
+        off = 0
+        for c, d in zip(self.seqs, seqs):
+            seq[:, off:off + c.spec.max_len] = c.encode(d)
+            off += c.spec.max_len
+        counts = np.bincount(split, minlength=3)
+        if counts.max() == n:
+            cat, num = np.ascontiguousarray(catT.T), np.ascontiguousarray(numT.T)
+        else:
+            order = np.argsort(split, kind="stable")
+            cat, num, seq, label = catT.T[order], numT.T[order], seq[order], label[order]
+        arrays = {"cat": cat, "num": num, "seq": seq, "label": label}
+        parts, lo = [], 0
+        for sid, name in enumerate(SPLIT_NAMES):
+            k = int(counts[sid])
+            if k:
+                parts.append((name, {a: v[lo:lo + k] for a, v in arrays.items()}))
+                lo += k
+        return parts
 
     def write(self, fields: list[Field], tmp: str) -> Schema:
         o, p = self.o, self.plan
@@ -342,22 +441,26 @@ class Prep:
         split_rows = {s: 0 for s in SPLIT_NAMES}
         writer = StoreWriter(os.path.join(tmp, STORE_DIR), layout_for(schema), schema.model_hash(),
                              chunk_rows=o.chunk_rows)
-        try:
-            for parts in prefetch(self._encode_stage()):
-                for name, arrays in parts:
-                    split_rows[name] += len(arrays["label"])
-                    writer.append(name, arrays)
-            writer.close()
-        except BaseException:
-            try:
-                writer.env.close()
-            except Exception:  # noqa: BLE001
-                pass
-            raise
+        self._seq_width = sum(s.max_len for s in p.seqs)
         vdir = os.path.join(tmp, VOCAB_DIR)
         os.makedirs(vdir, exist_ok=True)
-        for fn, e in self.encoders.items():
-            save_encoder(vdir, fn, e)
+        with ThreadPoolExecutor(1, thread_name_prefix="data_prep-vocab") as vocab_writer:
+            # the encoder files (each synced to disk) are written while pass 2 runs
+            saved = vocab_writer.submit(lambda: [save_encoder(vdir, fn, e) for fn, e in self.encoders.items()])
+            try:
+                with ThreadPoolExecutor(self.workers, thread_name_prefix="data_prep-enc") as ex:
+                    for parts in ordered_map(ex, self._encode, self._records(), self.workers + 1):
+                        for name, arrays in parts:
+                            split_rows[name] += len(arrays["label"])
+                            writer.append(name, arrays)
+                writer.close()
+            except BaseException:
+                try:
+                    writer.abort()
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            saved.result()
         schema.splits = split_rows
         schema.skipped_lines = self.skiplog.to_dict()
         schema.settings = self.settings()
@@ -393,13 +496,30 @@ def prepare(opts: Options) -> Schema:
         prep = Prep(opts)
         with atomic_directory(opts.output, overwrite=opts.overwrite) as tmp:
             prep.cache_path = os.path.join(tmp, ".pass1.cache") if _cache_wanted(opts, prep.files, tmp) else None
+            prep.use_scratch(os.path.join(tmp, ".counts"))
             prep.count()
+            _trim_heap()
             fields = prep.fit()
+            _trim_heap()
             prep.write(fields, tmp)
         return Schema.load(opts.output)
     finally:
         if gc_was_enabled:
             gc.enable()
+
+
+def _trim_heap() -> None:
+    """glibc: hand the memory freed by the pass that just ended back to the system
+    (``malloc_trim``), so that the next pass starts from what is live, not from
+    wherever the previous one left the heap."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):     # not glibc
+        pass
 
 
 def _cache_wanted(opts: Options, files, where: str) -> bool:

@@ -32,7 +32,6 @@ from common.errors import DataError
 
 NL = 10
 CR = 13
-PAD = b"\0" * 8
 CANON_SEP = "\x1f"          # separator of re-written (quoted) blocks
 MASK = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
 MASK1 = np.concatenate([[np.uint64(0)], MASK])      # indexed by length + 1
@@ -154,17 +153,29 @@ class ReadError:
 
 
 def iter_blocks(path: str, block_bytes: int, progress=None):
-    """Yield blocks of whole lines, each ending in ``\\n`` (a UTF-8 BOM is dropped).
+    """Yield blocks of whole lines, each ending in ``\\n`` (a UTF-8 BOM is dropped), as
+    ``bytearray`` objects (a plain file is read straight into them: no other copy).
 
     A broken gzip stream ends the iteration with a :class:`ReadError` item, so the
     consumer can name the line where the data breaks off once it has counted the
     lines of the blocks before it."""
     f, raw = open_binary(path)
     rest, at, start = b"", 0, True
+    direct = f is raw
     try:
         while True:
             try:
-                data = f.read(block_bytes)
+                if direct:
+                    data = bytearray(len(rest) + block_bytes)
+                    data[:len(rest)] = rest
+                    got = f.readinto(memoryview(data)[len(rest):])
+                    if got < block_bytes:
+                        del data[len(rest) + got:]
+                    fresh = got
+                else:
+                    chunk = f.read(block_bytes)
+                    data = bytearray(rest + chunk) if chunk else bytearray(rest)
+                    fresh = len(chunk)
             except (EOFError, OSError, zlib.error) as exc:
                 yield ReadError(exc, rest.count(b"\n"))
                 return
@@ -172,22 +183,22 @@ def iter_blocks(path: str, block_bytes: int, progress=None):
                 now = raw.tell()
                 progress.update(now - at)
                 at = now
-            if not data:
+            if not fresh:
                 break
-            if rest:
-                data = rest + data
             if start:
                 start = False
                 if data.startswith(b"\xef\xbb\xbf"):
-                    data = data[3:]
+                    del data[:3]
             cut = data.rfind(b"\n") + 1
             if cut == 0:
-                rest = data
+                rest = bytes(data)
                 continue
-            block, rest = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
-            yield block
+            rest = bytes(data[cut:])
+            if cut < len(data):
+                del data[cut:]
+            yield data
         if rest:
-            yield rest + b"\n"
+            yield bytearray(rest + b"\n")
     finally:
         f.close()
         if raw is not f:
@@ -219,60 +230,102 @@ def split_line(text: str, delimiter: str, quotechar: str | None) -> list[str]:
     return text.split(delimiter)
 
 
+def _words(buf: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The little-endian uint64 of the 8 bytes at each offset; past the end of ``buf``
+    the bytes read as zero."""
+    L = len(buf)
+    hi = L - 8
+    if hi >= 0 and (not len(starts) or int(starts.max()) <= hi):
+        return np.ndarray((hi + 1,), dtype="<u8", buffer=buf, strides=(1,))[starts]
+    tail = np.zeros(L + 8, np.uint8)             # rare: a short block, or short fields at its very end
+    tail[:L] = buf
+    return np.ndarray((L + 1,), dtype="<u8", buffer=tail, strides=(1,))[starts]
+
+
+def _load_keys(buf: np.ndarray, ends: np.ndarray, keys: np.ndarray, ls, K: int) -> None:
+    """``keys[i]`` = the 8 bytes after terminator ``ends[i - 1]`` (the first field of a row:
+    after its line start ``ls``; ``ls=None``: each row starts right after the previous
+    one); bytes past the block read as zero.  No copy of the block is made: only the few
+    fields that start in its last 8 bytes are read separately."""
+    L = len(buf)
+    if L >= 9:
+        u64p = np.ndarray((L - 8,), dtype="<u8", buffer=buf, offset=1, strides=(1,))   # u64p[e] = after e
+        j = int(np.searchsorted(ends[:-1], L - 9, side="right"))     # ends[:j] <= L - 9: fully inside
+        keys[1:j + 1] = u64p[ends[:j]]
+    else:
+        j = 0
+    if j + 1 < len(ends):
+        keys[j + 1:] = _words(buf, ends[j:-1] + 1)
+    if ls is None:
+        keys[0] = _words(buf, np.zeros(1, np.int64))[0]
+    else:
+        keys[::K] = _words(buf, ls)
+
+
 class Chunk:
     """Rows of one block: per row its physical line number and, per needed column, the
-    uint64 key of the field (``keyarr [columns, rows]``); offsets and lengths of a column
-    are computed only when its strings are asked for."""
+    uint64 key of the field (``keyarr [columns, rows]``).  Where some field is longer
+    than 8 bytes (its key is only a prefix) or strings are wanted (``string_cols``), the
+    block and the field end offsets are kept too, to cut out the strings of a column."""
 
-    def __init__(self, path: str, block: bytes, cols: dict, keys: np.ndarray, colmax: np.ndarray,
-                 ends: np.ndarray, line_start: np.ndarray, lines: np.ndarray, encoding: str):
+    def __init__(self, path: str, block: bytes | None, cols: dict, keys: np.ndarray, colmax: np.ndarray | None,
+                 ends: np.ndarray | None, line_start: np.ndarray | None, lines: np.ndarray, encoding: str):
         self.path = path
         self.block = block
         self.cols = cols                  # column index in the file -> row of keyarr
         self.keyarr = keys                # [c, n] uint64 key of the first 8 bytes (0 = empty)
-        self.colmax = colmax              # [K] longest field per column (bytes)
-        self.ends = ends                  # [n, K] field end offsets (CR excluded)
-        self.line_start = line_start      # [n]
+        self.colmax = colmax              # [K] longest field per column (bytes); None: all <= 8
+        self.ends = ends                  # [n, K] field end offsets (CR excluded), or None
+        self.line_start = line_start      # [n], or None
         self.lines = lines                # [n] 1-based physical line numbers
         self.encoding = encoding
         self._spans: dict[int, tuple] = {}
 
     @classmethod
-    def build(cls, path, block, buf, t, ls, lines, cols, encoding):
-        """From the terminator matrix ``t [n, K]`` (C-contiguous) and line starts ``ls [n]``."""
+    def build(cls, path, block, buf, t, ls, lines, cols, encoding, contiguous=False, string_cols=()):
+        """From the terminator matrix ``t [n, K]`` (C-contiguous) and line starts ``ls [n]``;
+        ``contiguous``: the rows are all the lines of the block (each line starts right
+        after the previous line's newline), which saves a few passes."""
         n, K = t.shape
         ends = t.reshape(-1)
-        # d = field length + 1 (distance from the previous terminator); the first field of a row
-        # starts at its line start instead
+        # prev = offset of the terminator before each field (the first field of a row: its line start - 1)
+        # d = field length + 1
         d = np.empty_like(ends)
-        np.subtract(ends[1:], ends[:-1], out=d[1:])
-        d[::K] = ends[::K] - ls + 1
-        D2 = d.reshape(n, K)
-        last = t[:, K - 1]
-        cr = (buf[np.maximum(last - 1, 0)] == CR) & (D2[:, K - 1] > 1)
-        if cr.any():                      # CRLF line ends: the \r is not part of the last field
-            t = t.copy()
-            t[:, K - 1] -= cr
-            D2[:, K - 1] -= cr
+        if len(ends):
+            np.subtract(ends[1:], ends[:-1], out=d[1:])
+            if contiguous:
+                d[0] = ends[0] + 1
+            else:
+                d[::K] = ends[::K] - ls + 1
+        if n and b"\r" in block:
+            last = t[:, K - 1]
+            cr = (buf[np.maximum(last - 1, 0)] == CR) & (d[K - 1::K] > 1)
+            if cr.any():                  # CRLF line ends: the \r is not part of the last field
+                t = t.copy()
+                t[:, K - 1] -= cr
+                d[K - 1::K] -= cr
         # key = the 8 bytes after the previous terminator, masked to the field's length
         keys = np.empty(len(ends), dtype=np.uint64)
         if len(ends):
-            u64p = np.ndarray((len(buf) - 8,), dtype="<u8", buffer=buf, offset=1, strides=(1,))
-            keys[1:] = u64p[ends[:-1]]
-            u64 = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
-            keys[::K] = u64[ls]
+            _load_keys(buf, ends, keys, None if contiguous else ls, K)
             keys &= np.take(MASK1, d, mode="clip")
-        colmax = D2.max(axis=0) - 1 if n else np.zeros(K, np.int64)
         k2 = keys.reshape(n, K)
         need = sorted(cols, key=cols.get)
         kT = np.ascontiguousarray(k2.T) if need == list(range(K)) else np.ascontiguousarray(k2.T[need])
-        return cls(path, block, cols, kT, colmax, t, ls, lines, encoding)
+        colmax = None
+        if n and (string_cols or int(d.max()) > 9):         # some field is longer than 8 bytes
+            colmax = d.reshape(n, K).max(axis=0) - 1
+            return cls(path, block, cols, kT, colmax, t, ls, lines, encoding)
+        return cls(path, None, cols, kT, colmax, None, None, lines, encoding)
 
     @property
     def n(self) -> int:
         return len(self.lines)
 
     def take(self, rows: np.ndarray) -> "Chunk":
+        if self.ends is None:
+            return Chunk(self.path, None, self.cols, self.keyarr[:, rows], None, None, None, self.lines[rows],
+                         self.encoding)
         return Chunk(self.path, self.block, self.cols, self.keyarr[:, rows], self.colmax, self.ends[rows],
                      self.line_start[rows], self.lines[rows], self.encoding)
 
@@ -289,7 +342,7 @@ class Chunk:
 
     def long_rows(self, j: int) -> np.ndarray | None:
         """Rows whose field ``j`` is longer than 8 bytes (their key is only a prefix), or None."""
-        if self.colmax[j] <= 8:
+        if self.colmax is None or self.colmax[j] <= 8:
             return None
         rows = np.flatnonzero(self.span(j)[1] > 8)
         return rows if len(rows) else None
@@ -323,7 +376,7 @@ class TextTable:
 
     def __init__(self, path: str, delimiter: str, ncols: int, header: bool = False, quotechar: str | None = None,
                  encoding: str = "utf-8", block_bytes: int = 16 << 20, max_rows: int | None = None,
-                 on_bad_line: str = "error", skiplog: SkipLog | None = None, columns=None):
+                 on_bad_line: str = "error", skiplog: SkipLog | None = None, columns=None, string_cols=()):
         if len(delimiter.encode(encoding)) != 1:
             raise DataError(f"delimiter {delimiter!r} must be a single byte", path=path)
         self.path, self.delimiter, self.ncols, self.header = path, delimiter, int(ncols), header
@@ -334,6 +387,7 @@ class TextTable:
         self.quote = quotechar.encode(encoding) if quotechar else None
         need = sorted(set(range(self.ncols) if columns is None else columns))
         self.cols = {j: r for r, j in enumerate(need)}
+        self.string_cols = tuple(string_cols)      # columns whose strings are read (sequences)
 
     def _blocks(self, progress):
         """Blocks in file order, the header line removed (see :func:`iter_blocks`)."""
@@ -379,8 +433,7 @@ class TextTable:
         if self.quote is not None and self.quote in block:
             block = self._requote(block, first, bad)
             sep = ord(CANON_SEP)
-        buf = np.frombuffer(block + PAD, dtype=np.uint8)
-        body = buf[:len(block)]
+        buf = body = np.frombuffer(block, dtype=np.uint8)
         if sep == 9:   # tab: one comparison finds both tab and newline
             term = np.flatnonzero(body <= 10)
             tb = body[term]
@@ -405,7 +458,8 @@ class TextTable:
         else:
             t, ls, lines, nonblank = self._slow(body, term, isnl, first, bad)
         bad.sort()
-        chunk = Chunk.build(self.path, block, buf, t, ls, lines, self.cols, self.encoding) if len(lines) else None
+        chunk = Chunk.build(self.path, block, buf, t, ls, lines, self.cols, self.encoding, contiguous=good_fast,
+                            string_cols=self.string_cols) if len(lines) else None
         return chunk, nlines, nonblank, bad
 
     def _slow(self, buf, term, isnl, first, bad):
@@ -429,17 +483,29 @@ class TextTable:
         nonblank = np.array(sorted(set((first + sel).tolist()) | {ln for ln, _ in bad}), dtype=np.int64)
         return t, lstart[good], (first + good).astype(np.int64), nonblank
 
-    def chunks(self, progress=None, workers: int = 2):
+    def _task(self, block: bytes, lines_before: int, post):
+        out = self._tokenize(block)
+        chunk = out[0]
+        return out + ((post(chunk, lines_before, out[1]) if post is not None and chunk is not None else None),)
+
+    def chunks(self, progress=None, workers: int = 2, post=None):
         """Yield :class:`Chunk` objects of well-formed rows, in file order.
 
         Blocks are tokenised by ``workers`` threads (numpy releases the GIL); bad lines
         are reported in file order: the first one raises :class:`DataError`, or with
-        ``on_bad_line="skip"`` each is recorded in the skip log."""
+        ``on_bad_line="skip"`` each is recorded in the skip log.
+
+        ``post(chunk, lines_before, lines)``, when given, runs in the worker thread right
+        after a block is tokenised (``lines_before``: lines in the blocks before it,
+        ``lines``: in it) and ``(chunk, post's result)`` pairs are yielded instead.  It
+        sees the chunk before line numbers are made absolute and before the ``max_rows``
+        cut (which makes a new Chunk object), and must not change shared state."""
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         left = self.max_rows
         line = 2 if self.header else 1          # physical line number of the next block's first line
+        submitted = 0                           # lines in the blocks submitted so far
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="data_prep-tok") as ex:
             pending: deque = deque()
             blocks = self._blocks(progress)
@@ -449,13 +515,17 @@ class TextTable:
                         item = next(blocks, None)
                         if item is None:
                             break
-                        pending.append(item if isinstance(item, ReadError) else ex.submit(self._tokenize, item))
+                        if isinstance(item, ReadError):
+                            pending.append(item)
+                            continue
+                        pending.append(ex.submit(self._task, item, submitted, post))
+                        submitted += item.count(b"\n")
                     if not pending:
                         return
                     item = pending.popleft()
                     if isinstance(item, ReadError):
                         raise _gzip_error(self.path, line + item.partial_lines, item.exc)
-                    chunk, nlines, nonblank, bad = item.result()
+                    chunk, nlines, nonblank, bad, extra = item.result()
                     base, line = line, line + nlines
                     nonblank = nonblank + base
                     bad = [(ln + base, reason) for ln, reason in bad]
@@ -477,7 +547,7 @@ class TextTable:
                             raise DataError(reason, path=self.path, line=int(ln))
                         self.skiplog.add(self.path, int(ln), reason)
                     if chunk is not None:
-                        yield chunk
+                        yield chunk if post is None else (chunk, extra)
                     if stop:
                         return
             finally:
@@ -487,47 +557,26 @@ class TextTable:
                 blocks.close()
 
 
-def prefetch(gen, depth: int = 2):
-    """Run a generator in a background thread, ``depth`` items ahead (numpy parsing
-    releases the GIL, so reading/tokenising overlaps the consumer's work).
-    Exceptions are re-raised in the consumer; closing the consumer stops the thread."""
-    import queue
-    import threading
+def ordered_map(executor, fn, items, window: int):
+    """``fn(item)`` for each item, run by ``executor`` at most ``window`` ahead; results in order."""
+    from collections import deque
 
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for item in gen:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-            put((None, exc))
-        finally:
-            gen.close()
-
-    th = threading.Thread(target=work, name="data_prep-reader", daemon=True)
-    th.start()
+    pending: deque = deque()
+    it = iter(items)
+    end = object()
     try:
         while True:
-            item, exc = q.get()
-            if exc is not None:
-                raise exc
-            if item is done:
+            while len(pending) < window:
+                x = next(it, end)
+                if x is end:
+                    break
+                pending.append(executor.submit(fn, x))
+            if not pending:
                 return
-            yield item
+            yield pending.popleft().result()
     finally:
-        stop.set()
-        th.join()
+        for f in pending:
+            f.cancel()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()

@@ -64,9 +64,26 @@ class Splitter:
     def reset(self) -> None:
         self.counters: dict[int, int] = {}
 
+    def position(self) -> int:
+        """Rows assigned so far (unstratified)."""
+        return self.counters.get(0, 0)
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` rows whose splits were computed with :meth:`assign_at`."""
+        self.counters[0] = self.counters.get(0, 0) + n
+
+    def assign_at(self, k0: int, m: int) -> np.ndarray:
+        """Split ids of rows ``k0 .. k0 + m - 1`` (unstratified), changing nothing."""
+        if m == 0:
+            return np.zeros(0, np.int8)
+        return self._table(0, k0, m)
+
     def _assign_class(self, cls: int, m: int) -> np.ndarray:
         k0 = self.counters.get(cls, 0)
         self.counters[cls] = k0 + m
+        return self._table(cls, k0, m)
+
+    def _table(self, cls: int, k0: int, m: int) -> np.ndarray:
         B = self.B
         b0, b1 = k0 // B, (k0 + m - 1) // B
         blocks = np.arange(b0, b1 + 1, dtype=np.uint64)

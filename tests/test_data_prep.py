@@ -603,3 +603,118 @@ def test_split_assignment_is_a_function_of_seed_and_row_number():
         total = int((labels == c).sum())
         assert abs(per[TRAIN] - 0.8 * total) <= 8 and abs(per[VALID] - 0.1 * total) <= 1
         assert per.sum() == total and per[TEST] >= 0
+
+
+# ----- parallel parsing, spilled counts, the hash table -------------------------------------------------
+def assert_same_dataset(a, b, ignore=()):
+    """Byte-identical stores and vocabularies; the same schema apart from name, settings
+    and ``ignore``."""
+    assert (a / "store" / "data.mdb").read_bytes() == (b / "store" / "data.mdb").read_bytes()
+    assert sorted(os.listdir(a / "vocab")) == sorted(os.listdir(b / "vocab"))
+    for f in sorted(os.listdir(a / "vocab")):
+        assert (a / "vocab" / f).read_bytes() == (b / "vocab" / f).read_bytes(), f
+    sa, sb = Schema.load(str(a)).to_dict(), Schema.load(str(b)).to_dict()
+    for d in (sa, sb):
+        for k in ("name", "settings", *ignore):
+            d.pop(k)
+    assert sa == sb
+    assert sorted(os.listdir(b)) == ["schema.json", "store", "vocab"]        # no scratch files left
+
+
+def test_threads_blocks_and_spilled_counts_give_identical_datasets(tmp_path, monkeypatch):
+    """Worker threads (which guess each block's first row number), small blocks, the --rows
+    cut inside a block, and token counts spilled to disk change nothing in the output."""
+    from data_prep.columns import CountSpill
+
+    spills = []
+    real_spill = CountSpill.spill
+    monkeypatch.setattr(CountSpill, "spill", lambda self: (spills.append(1), real_spill(self))[1])
+    base = ["--format", "criteo", "--input", CRITEO10K, "--min_count", "2"]
+    prep(tmp_path / "ref", *base, "--workers", "1", "--chunk_mb", "64")       # one block, in-memory counts
+    assert not spills
+    variants = {"threads": ["--workers", "3", "--chunk_mb", "0.0625"],
+                "spill": ["--count_mb", "0.01", "--chunk_mb", "0.0625"],
+                "spill_nocache": ["--count_mb", "0.01", "--no_cache", "--chunk_mb", "0.1", "--workers", "2"]}
+    for name, extra in variants.items():
+        n0 = len(spills)
+        prep(tmp_path / name, *base, *extra)
+        assert (len(spills) > n0) == ("spill" in name), name
+        assert_same_dataset(tmp_path / "ref", tmp_path / name)
+    prep(tmp_path / "rows_ref", *base, "--rows", "7001", "--workers", "1", "--chunk_mb", "64")
+    prep(tmp_path / "rows", *base, "--rows", "7001", "--chunk_mb", "0.0625")
+    assert_same_dataset(tmp_path / "rows_ref", tmp_path / "rows")
+
+
+def test_blank_and_skipped_lines_do_not_shift_the_split(tmp_path):
+    """Rows are numbered without blank and skipped lines, also when the worker threads'
+    guess of a block's first row number (from its line number) is off."""
+    with open(CRITEO10K) as fh:
+        lines = fh.readlines()[:4000]
+    noisy, bad = [], 0
+    for i, ln in enumerate(lines):
+        if i % 97 == 5:
+            noisy.append("\n")
+        if i % 389 == 7:
+            noisy.append("1\t2\t3\n")
+            bad += 1
+        noisy.append(ln)
+    (tmp_path / "clean.txt").write_text("".join(lines))
+    (tmp_path / "noisy.txt").write_text("".join(noisy))
+    args = ["--format", "criteo", "--min_count", "2", "--chunk_mb", "0.0625", "--on_bad_line", "skip"]
+    prep(tmp_path / "a", *args, "--input", tmp_path / "clean.txt")
+    s = prep(tmp_path / "b", *args, "--input", tmp_path / "noisy.txt")
+    assert s.skipped_lines["count"] == bad > 5
+    assert_same_dataset(tmp_path / "a", tmp_path / "b", ignore=("skipped_lines", "extra"))
+
+
+def test_key_table_lookup():
+    from data_prep.columns import KeyTable
+
+    rng = np.random.default_rng(0)
+    keys = np.unique(np.concatenate([rng.integers(0, 2**64 - 1, 3000, dtype=np.uint64, endpoint=True),
+                                     np.arange(500, dtype=np.uint64),             # dense runs: long probes
+                                     np.arange(500, dtype=np.uint64) << np.uint64(56)]))
+    keys = keys[rng.permutation(len(keys))]
+    t = KeyTable(keys)
+    others = rng.integers(0, 2**64 - 1, 3000, dtype=np.uint64, endpoint=True)
+    q = np.concatenate([keys, others, keys[:100]])
+    where = {int(k): i for i, k in enumerate(keys)}
+    np.testing.assert_array_equal(t.lookup(q), [where.get(int(k), -1) for k in q])
+    v = KeyTable(keys, np.arange(len(keys), dtype=np.int32) * 3 + 7, default=-5)
+    np.testing.assert_array_equal(v.lookup(q), [where[int(k)] * 3 + 7 if int(k) in where else -5 for k in q])
+    d = KeyTable(np.array([5, 7, 5, 0], np.uint64))                               # repeated key: the first wins
+    np.testing.assert_array_equal(d.lookup(np.array([5, 7, 0, 1], np.uint64)), [0, 1, 3, -1])
+    assert len(KeyTable(np.zeros(0, np.uint64)).lookup(np.array([0, 3], np.uint64))) == 2
+
+
+def test_spilled_counts_equal_in_memory_counts(tmp_path):
+    """CountSpill: counts past the budget go to hash partitions on disk (recursively split
+    when a partition is still too big); the fitted vocabulary is exactly the in-memory one."""
+    from data_prep.columns import CountSpill, KeyCounter, unique_counts
+    from data_prep.reader import string_keys
+
+    rng = np.random.default_rng(1)
+    pool = [format(int(x), "x") for x in rng.integers(0, 16**7, 6000)]          # 1-7 byte tokens
+    longs = [f"long-token-{i:05d}" for i in range(400)]                          # > 8 bytes: string counts
+    mem, disk = KeyCounter("utf-8"), KeyCounter("utf-8")
+    spill = CountSpill(str(tmp_path / "counts"), 0, parts=4)
+    spill.budget = 300
+    spill.register(disk)
+    for _ in range(40):
+        toks = [pool[i] for i in np.minimum(rng.zipf(1.3, 700), len(pool)) - 1]
+        keys, short = string_keys(toks, "utf-8")
+        keys = np.concatenate([keys[short], np.zeros(5, np.uint64)])             # key 0: missing values
+        lt = [longs[i] for i in np.minimum(rng.zipf(1.5, 30), len(longs)) - 1]
+        seq = {pool[int(i)]: int(c) for i, c in zip(rng.integers(0, 50, 20), rng.integers(1, 4, 20))}
+        for c in (mem, disk):
+            c.add_counts(*unique_counts(keys))
+            c.add_strings(lt)
+            c.add_string_counts(seq)
+        spill.maybe_spill()
+    assert spill.spills > 3
+    spill.reduce([3])
+    assert not [f for f in os.listdir(tmp_path / "counts")]                       # partitions merged and removed
+    (va, ka), (vb, kb) = mem.fit(3), disk.fit(3)
+    assert va.to_dict() == vb.to_dict() and len(va.tokens) > 100
+    assert any(t.startswith("long-token") for t in va.tokens)
+    np.testing.assert_array_equal(ka, kb)

@@ -289,3 +289,52 @@ def test_torch_and_tf_loaders_yield_identical_batches(random_dataset):
                 np.testing.assert_array_equal(x[k], y[k])
                 np.testing.assert_array_equal(x[k], z[k])
         assert a[0]["hist"].shape[1] == 5 and a[0]["label"].dtype == np.float32
+
+
+def test_commit_size_does_not_change_the_store(tmp_path):
+    """Rows are staged per split and put chunk by chunk; how often the write transaction
+    is committed changes nothing that a reader sees."""
+    schema = _schema()
+    data = {s: _arrays(n, schema, seed=i) for i, (s, n) in enumerate({"train": 2500, "valid": 130}.items())}
+    metas = []
+    for commit in (1, 1 << 30):
+        path = str(tmp_path / f"c{commit}")
+        wr = StoreWriter(os.path.join(path, STORE_DIR), layout_for(schema), schema.model_hash(), chunk_rows=300,
+                         commit_bytes=commit)
+        for a, b in ((0, 1), (1, 299), (299, 301), (301, 1700), (1700, 2500)):     # across chunk ends
+            for split, arrays in data.items():
+                wr.append(split, {k: v[a:b] for k, v in arrays.items()})
+        metas.append(wr.close())
+        schema.save(path)
+        store = Store(path)
+        for split, arrays in data.items():
+            got = store.read_rows(split, 0, store.rows(split))
+            for k, v in arrays.items():
+                np.testing.assert_array_equal(got[k], v)
+    assert metas[0] == metas[1]
+    assert metas[0]["splits"]["train"]["chunk_rows"] == [300] * 8 + [100]
+
+
+def test_tf_loader_without_numeric_or_sequence_fields(tmp_path):
+    """Zero-width packed arrays (no numeric / sequence fields, as in bucketised Criteo) and
+    batches handed to tf.data in groups: still the torch loader's batches."""
+    from conftest import write_random_dataset
+
+    import torch  # noqa: F401
+    import zoo_tf.data as tfd
+    import zoo_torch.data as ptd
+
+    path = str(tmp_path / "ds")
+    write_random_dataset(path, rows=(1000, 50, 0), n_num=0, seq=False, chunk_rows=96)
+    for kw in (dict(split="train", batch_size=64, seed=3), dict(split="train", batch_size=100, shuffle=False),
+               dict(split="valid", batch_size=8, rank=1, world_size=2)):
+        a = [{k: v.numpy() for k, v in b.items()} for b in ptd.batches(path, **kw)]
+        for group in (1, 3, 8):
+            b = [{k: v.numpy() for k, v in x.items()} for x in tfd.batches(path, group=group, **kw)]
+            assert len(a) == len(b) > 0
+            for x, y in zip(a, b):
+                assert list(x) == list(y) == ["c0", "c1", "c2", "c3", "label"]
+                for k in x:
+                    assert x[k].dtype == y[k].dtype
+                    np.testing.assert_array_equal(x[k], y[k])
+    assert list(tfd.batches(path, "test", 16)) == []
