@@ -18,7 +18,11 @@ class FMInteraction(Module):
 
     def forward(self, e):
         if self.reduce_sum:
-            return _FMSum.apply(e)
+            if e.requires_grad and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+                return _FMSum.apply(e)                 # training: closed-form backward
+            s = e.sum(1)                               # inference / export: the same formula, traceable
+            flat = e.reshape(e.shape[0], -1)
+            return 0.5 * ((s * s).sum(1) - torch.linalg.vector_norm(flat, dim=1).square())
         s = e.sum(1)
         return 0.5 * (s * s - (e * e).sum(1))
 
