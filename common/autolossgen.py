@@ -53,7 +53,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -610,6 +610,13 @@ def log_counts(rows: list[dict], eps: float = EPS) -> dict:
             "accepted": len(accepted), "distinct_trained_formulas": len(trained),
             "distinct_trained_passed_validity": int(valid),
             "search_wall_s": round(sum(float(r["wall_s"] or 0) for r in rows), 3)}
+
+
+def trial_args(args):
+    """The trial copy's :class:`common.train_utils.TrainArgs`: the same run without the L2 penalty
+    (the paper trains candidates unregularised)."""
+    cfg = {**args.model_config, "l2": 0.0, "l2_embedding": 0.0}
+    return replace(args, model_config=cfg)
 
 
 def run_loss_search(args, hooks: LossSearchHooks, controller, *, progress: bool | None = None,

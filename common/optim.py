@@ -57,6 +57,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 OPTIMIZERS = ("Adam", "Adagrad", "SGD", "LazyAdam", "LazyAdagrad")
 LAZY = {"LazyAdam": "Adam", "LazyAdagrad": "Adagrad"}        # lazy name -> its base rule
 DEFAULT_EPS = {"Adam": 1e-8, "Adagrad": 1e-10, "SGD": 0.0}
@@ -140,3 +142,24 @@ def as_config(cfg) -> OptimizerConfig:
     if isinstance(cfg, dict):
         return OptimizerConfig(**cfg)
     raise TypeError(f"expected an OptimizerConfig, got {type(cfg).__name__}")
+
+
+def state_to_arrays(sd: dict) -> dict:
+    """A backend optimiser's ``state_dict()`` (slots as numpy arrays) -> flat ``{key: ndarray}`` for
+    checkpoints: ``__step__``, ``__lr__`` and ``<param>/<slot>``."""
+    out = {"__step__": np.asarray(sd["step"], np.int64), "__lr__": np.asarray(sd["lr"], np.float64)}
+    for pname, slots in sd["state"].items():
+        for s, a in slots.items():
+            out[f"{pname}/{s}"] = a
+    return out
+
+
+def state_from_arrays(arrays: dict, params, config: dict) -> dict:
+    """Inverse of :func:`state_to_arrays`: a ``state_dict`` for ``load_state_dict`` (``params``: the
+    optimiser's parameter names; ``config``: the config to keep)."""
+    state: dict = {n: {} for n in params}
+    for k, v in arrays.items():
+        if not k.startswith("__"):
+            pname, slot = k.rsplit("/", 1)
+            state.setdefault(pname, {})[slot] = v
+    return {"config": config, "step": int(arrays["__step__"]), "lr": float(arrays["__lr__"]), "state": state}

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.optim import OptimizerConfig, as_config, make_optimizer_config  # noqa: F401  (re-export)
+from common.optim import state_from_arrays, state_to_arrays
 from zoo_tf import trainable_named, weight_meta
 
 _RAW = tf.raw_ops
@@ -107,6 +108,14 @@ class Optimizer:
         """Same layout as zoo_torch's: ``{"config", "step", "lr", "state": {name: {slot: ndarray}}}``."""
         return {"config": self.cfg.to_dict(), "step": int(self.iterations.numpy()), "lr": float(self.lr.numpy()),
                 "state": {n: {s: v.numpy().copy() for s, v in sl.items()} for n, sl in self.slots.items()}}
+
+    def state_arrays(self) -> dict:
+        """Flat ``{key: ndarray}`` copy of the state (:func:`common.optim.state_to_arrays`), for checkpoints."""
+        return state_to_arrays(self.state_dict())
+
+    def load_state_arrays(self, arrays: dict) -> None:
+        """Inverse of :meth:`state_arrays` (the current config is kept)."""
+        self.load_state_dict(state_from_arrays(arrays, self.slots, self.cfg.to_dict()))
 
     def load_state_dict(self, sd: dict) -> None:
         cfg = as_config(sd["config"])

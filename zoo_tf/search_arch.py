@@ -73,24 +73,12 @@ class TFArchBackend(nas_search.ArchBackend):
 
     def state_arrays(self) -> dict:
         out = {f"w/{k}": v for k, v in self.get_weights().items()}
-        sd = self.opt.state_dict()
-        out["opt/__step__"] = np.asarray(sd["step"], np.int64)
-        out["opt/__lr__"] = np.asarray(sd["lr"], np.float64)
-        for pname, slots in sd["state"].items():
-            for s, a in slots.items():
-                out[f"opt/{pname}/{s}"] = a
+        out.update({f"opt/{k}": v for k, v in self.opt.state_arrays().items()})
         return out
 
     def load_state_arrays(self, arrays: dict) -> None:
         self.set_weights(split_prefix(arrays, "w/"))
-        opt = split_prefix(arrays, "opt/")
-        state: dict = {n: {} for n in self.opt.slots}
-        for k, v in opt.items():
-            if not k.startswith("__"):
-                pname, slot = k.rsplit("/", 1)
-                state.setdefault(pname, {})[slot] = v
-        self.opt.load_state_dict({"config": self.opt.cfg.to_dict(), "step": int(opt["__step__"]),
-                                  "lr": float(opt["__lr__"]), "state": state})
+        self.opt.load_state_arrays(split_prefix(arrays, "opt/"))
 
     def proxies(self, cfg, batches) -> dict:
         s = self.settings

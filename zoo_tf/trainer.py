@@ -28,7 +28,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import tensorflow as tf
 
 import zoo_tf
@@ -252,12 +251,7 @@ class TFBackend(Backend):
 
     def state_arrays(self) -> dict:
         out = {f"w/{k}": v for k, v in self.get_weights().items()}
-        sd = self.optimizer.state_dict()
-        out["opt/__step__"] = np.asarray(sd["step"], np.int64)
-        out["opt/__lr__"] = np.asarray(sd["lr"], np.float64)
-        for pname, slots in sd["state"].items():
-            for s, a in slots.items():
-                out[f"opt/{pname}/{s}"] = a
+        out.update({f"opt/{k}": v for k, v in self.optimizer.state_arrays().items()})
         for n, m in self._dropouts():
             out[f"rng/tf_dropout/{n}"] = m._rng.state.numpy().copy()
         return out
@@ -267,15 +261,7 @@ class TFBackend(Backend):
             raise FlagError("model_save_dir", "the checkpoint is not readable on this worker: with several "
                                               "workers --model_save_dir must be on a shared filesystem")
         self.set_weights(split_prefix(arrays, "w/"))
-        opt = split_prefix(arrays, "opt/")
-        state: dict = {n: {} for n in self.optimizer.slots}
-        for k, v in opt.items():
-            if k.startswith("__"):
-                continue
-            pname, slot = k.rsplit("/", 1)
-            state.setdefault(pname, {})[slot] = v
-        self.optimizer.load_state_dict({"config": self.optimizer.cfg.to_dict(), "step": int(opt["__step__"]),
-                                        "lr": float(opt["__lr__"]), "state": state})
+        self.optimizer.load_state_arrays(split_prefix(arrays, "opt/"))
         rng = split_prefix(arrays, "rng/tf_dropout/")
         for n, m in self._dropouts():
             if n in rng:

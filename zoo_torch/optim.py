@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from common.optim import OptimizerConfig, as_config, make_optimizer_config  # noqa: F401  (re-export)
+from common.optim import state_from_arrays, state_to_arrays
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -97,6 +98,16 @@ class Optimizer:
         """``{"config", "step", "lr", "state": {param name: {slot: tensor}}}`` (tensors by reference)."""
         return {"config": self.cfg.to_dict(), "step": self.t, "lr": self.lr,
                 "state": {n: dict(s) for n, s in self.state.items()}}
+
+    def state_arrays(self) -> dict:
+        """Flat ``{key: ndarray}`` copy of the state (:func:`common.optim.state_to_arrays`), for checkpoints."""
+        sd = self.state_dict()
+        sd["state"] = {n: {s: t.detach().cpu().numpy().copy() for s, t in sl.items()} for n, sl in sd["state"].items()}
+        return state_to_arrays(sd)
+
+    def load_state_arrays(self, arrays: dict) -> None:
+        """Inverse of :meth:`state_arrays` (the current config is kept)."""
+        self.load_state_dict(state_from_arrays(arrays, self.state, self.cfg.to_dict()))
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:

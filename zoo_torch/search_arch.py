@@ -68,25 +68,13 @@ class TorchArchBackend(nas_search.ArchBackend):
 
     def state_arrays(self) -> dict:
         out = {f"w/{k}": v for k, v in self.get_weights().items()}
-        sd = self.opt.state_dict()
-        out["opt/__step__"] = np.asarray(sd["step"], np.int64)
-        out["opt/__lr__"] = np.asarray(sd["lr"], np.float64)
-        for pname, slots in sd["state"].items():
-            for s, t in slots.items():
-                out[f"opt/{pname}/{s}"] = t.detach().cpu().numpy().copy()
+        out.update({f"opt/{k}": v for k, v in self.opt.state_arrays().items()})
         out["rng/torch"] = torch.get_rng_state().numpy().copy()
         return out
 
     def load_state_arrays(self, arrays: dict) -> None:
         self.set_weights(split_prefix(arrays, "w/"))
-        opt = split_prefix(arrays, "opt/")
-        state: dict = {n: {} for n in self.opt.state}
-        for k, v in opt.items():
-            if not k.startswith("__"):
-                pname, slot = k.rsplit("/", 1)
-                state.setdefault(pname, {})[slot] = torch.from_numpy(np.ascontiguousarray(v))
-        self.opt.load_state_dict({"config": self.opt.cfg.to_dict(), "step": int(opt["__step__"]),
-                                  "lr": float(opt["__lr__"]), "state": state})
+        self.opt.load_state_arrays(split_prefix(arrays, "opt/"))
         if "rng/torch" in arrays:
             torch.set_rng_state(torch.from_numpy(np.ascontiguousarray(arrays["rng/torch"])))
 

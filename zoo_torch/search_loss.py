@@ -22,13 +22,12 @@ Only one device: several ``--gpu_ids`` or torchrun are refused.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 
 import torch
 
-from common.autolossgen import controller_config, run_loss_search
+from common.autolossgen import controller_config, run_loss_search, trial_args
 from common.errors import FlagError, cli_errors
 from common.train_utils import TrainArgs, result_line
 from zoo_torch.losses import get_loss
@@ -39,12 +38,6 @@ NAN_CHECK_EVERY = 50          # steps between non-finite-loss checks of a trial
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def trial_args(args: TrainArgs) -> TrainArgs:
-    """The copy's arguments: the same run without the L2 penalty (the paper trains candidates unregularised)."""
-    cfg = {**args.model_config, "l2": 0.0, "l2_embedding": 0.0}
-    return dataclasses.replace(args, model_config=cfg)
 
 
 class TorchSearchHooks:

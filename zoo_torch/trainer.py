@@ -278,12 +278,7 @@ class TorchBackend(Backend):
 
     def state_arrays(self) -> dict:
         out = {f"w/{k}": v for k, v in self.get_weights().items()}
-        sd = self.optimizer.state_dict()
-        out["opt/__step__"] = np.asarray(sd["step"], np.int64)
-        out["opt/__lr__"] = np.asarray(sd["lr"], np.float64)
-        for pname, slots in sd["state"].items():
-            for s, t in slots.items():
-                out[f"opt/{pname}/{s}"] = t.detach().cpu().numpy().copy()
+        out.update({f"opt/{k}": v for k, v in self.optimizer.state_arrays().items()})
         out["rng/torch"] = torch.get_rng_state().numpy().copy()
         if self.device.type == "cuda":
             out["rng/cuda"] = torch.cuda.get_rng_state(self.device).numpy().copy()
@@ -292,15 +287,7 @@ class TorchBackend(Backend):
     def load_state_arrays(self, arrays: dict) -> None:
         if arrays:
             self.set_weights(split_prefix(arrays, "w/"))
-            opt = split_prefix(arrays, "opt/")
-            state: dict = {n: {} for n in self.optimizer.state}
-            for k, v in opt.items():
-                if k.startswith("__"):
-                    continue
-                pname, slot = k.rsplit("/", 1)
-                state.setdefault(pname, {})[slot] = torch.from_numpy(np.ascontiguousarray(v))
-            self.optimizer.load_state_dict({"config": self.optimizer.cfg.to_dict(), "step": int(opt["__step__"]),
-                                            "lr": float(opt["__lr__"]), "state": state})
+            self.optimizer.load_state_arrays(split_prefix(arrays, "opt/"))
             torch.set_rng_state(torch.from_numpy(np.ascontiguousarray(arrays["rng/torch"])))
             if "rng/cuda" in arrays and self.device.type == "cuda":
                 torch.cuda.set_rng_state(torch.from_numpy(np.ascontiguousarray(arrays["rng/cuda"])), self.device)

@@ -20,22 +20,25 @@ class FMInteraction(Module):
         if self.reduce_sum:
             if e.requires_grad and not torch.jit.is_tracing() and not torch.jit.is_scripting():
                 return _FMSum.apply(e)                 # training: closed-form backward
-            s = e.sum(1)                               # inference / export: the same formula, traceable
-            flat = e.reshape(e.shape[0], -1)
-            return 0.5 * ((s * s).sum(1) - torch.linalg.vector_norm(flat, dim=1).square())
+            return _fm_sum(e)[0]                       # inference / export: the same formula, traceable
         s = e.sum(1)
         return 0.5 * (s * s - (e * e).sum(1))
 
 
+def _fm_sum(e):
+    """(y [B], s [B, d]): y_b = 1/2 (||s_b||^2 - ||e_b||_F^2), s_b = sum_i e_bi."""
+    s = e.sum(1)
+    flat = e.reshape(e.shape[0], -1)
+    return 0.5 * ((s * s).sum(1) - torch.linalg.vector_norm(flat, dim=1).square()), s
+
+
 class _FMSum(torch.autograd.Function):
-    """y_b = 1/2 (||s_b||^2 - ||e_b||_F^2), s_b = sum_i e_bi, with the closed-form gradient
-    dy_b/de_bi = s_b - e_bi: one pass over [B, F, d] each way instead of autograd's five."""
+    """:func:`_fm_sum` with the closed-form gradient dy_b/de_bi = s_b - e_bi: one pass over
+    [B, F, d] each way instead of autograd's five."""
 
     @staticmethod
     def forward(ctx, e):
-        s = e.sum(1)                                            # [B, d]
-        flat = e.reshape(e.shape[0], -1)
-        out = 0.5 * ((s * s).sum(1) - torch.linalg.vector_norm(flat, dim=1).square())
+        out, s = _fm_sum(e)
         ctx.save_for_backward(e, s)
         return out
 
