@@ -16,9 +16,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# OpenMP threads sleep instead of spinning when idle: as fast on a quiet machine, and many times faster
-# when the cores are shared (a data-loading thread, other jobs, several torchrun processes).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from common.runtime import configure_process  # noqa: E402
+
+# before torch starts its threads: idle OpenMP threads sleep, and malloc reuses large blocks
+# (see common/runtime.py; CTR_ZOO_PROCESS_TUNING=0 turns both off)
+configure_process()
 
 from common.errors import cli_errors  # noqa: E402
 from common.flags import parse_args, resolve_data  # noqa: E402

@@ -278,9 +278,16 @@ def ensure_peers_venv(args, log) -> dict:
 def check_peers(venv: str, runners: list[str], env: dict, log) -> dict:
     p = subprocess.run([venv_python(venv), os.path.join(PEERS_DIR, "run_peer.py"), "--check", *runners],
                        capture_output=True, text=True, env=env, timeout=900)
-    try:
-        out = json.loads(p.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+    out = None
+    # the last JSON line: deepctr's version-check thread may print after it
+    for line in reversed(p.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                out = json.loads(line)
+                break
+            except ValueError:
+                pass
+    if out is None:
         out = {r: {"status": "error", "error": (p.stderr or p.stdout)[-2000:]} for r in runners}
     for r, v in out.items():
         log(f"  {r}: {v.get('status')} {v.get('version', '')} {v.get('error', '')}")
@@ -315,6 +322,9 @@ def run_spec(args, model: str, cfg: dict, data_dir: str, npy_dir: str | None, vo
 # ==============================================================================================
 # our child runs (``--child SPEC RESULT``): imports torch or tensorflow, never both
 def _ours_torch(spec: dict) -> dict:
+    from common.runtime import configure_process
+
+    tuning = configure_process()           # what train_example_pytorch.py does first
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
@@ -338,7 +348,7 @@ def _ours_torch(spec: dict) -> dict:
                lr=spec["lr"], batch_size=spec["batch_size"],
                threads=dict(intra_op_threads=torch.get_num_threads(),
                             inter_op_threads=torch.get_num_interop_threads()),
-               rss_after_import_mb=_bench.current_rss_mb())
+               rss_after_import_mb=_bench.current_rss_mb(), process_tuning=tuning)
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)
     data_dir = spec["data_dir"]
@@ -383,6 +393,9 @@ def _ours_torch(spec: dict) -> dict:
 
 
 def _ours_tf(spec: dict) -> dict:
+    from common.runtime import configure_process
+
+    tuning = configure_process()           # what train_example_tensorflow.py does first
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -401,7 +414,7 @@ def _ours_tf(spec: dict) -> dict:
                batch_size=spec["batch_size"],
                threads=dict(intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
                             inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads()),
-               rss_after_import_mb=_bench.current_rss_mb())
+               rss_after_import_mb=_bench.current_rss_mb(), process_tuning=tuning)
     data_dir = spec["data_dir"]
     schema = Schema.load(data_dir)
     model = zoo_tf.build_model(spec["model"], schema, **spec["model_config"])
@@ -411,7 +424,8 @@ def _ours_tf(spec: dict) -> dict:
     res["rss_after_build_mb"] = _bench.current_rss_mb()
 
     B = int(spec["batch_size"])
-    ds = zdata.batches(data_dir, "train", batch_size=B, shuffle=True, seed=int(spec["seed"]))
+    ds = zdata.batches(data_dir, "train", batch_size=B, shuffle=True, seed=int(spec["seed"]),
+                        row_plan=True)
     last = [None]
 
     def sync():
@@ -450,12 +464,28 @@ def child_main(spec_path: str, result_path: str) -> int:
 
 # ==============================================================================================
 # orchestration
-def child_env(extra: dict | None = None, drop=()) -> dict:
+# The process settings our entry points apply (common.runtime.configure_process), as environment
+# variables so that a peer's process can get exactly the same: OpenMP threads sleep when idle, and
+# glibc malloc serves blocks up to 1 GiB from its (reused) heap instead of fresh mmaps.
+def tuning_env(tuned: bool) -> dict:
+    from common.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, TUNE_ENV
+
+    if not tuned:
+        return {TUNE_ENV: "0"}
+    return {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+def child_env(extra: dict | None = None, drop=(), tuned: bool | None = None) -> dict:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
     for k in drop:
         env.pop(k, None)
+    if tuned is not None:
+        for k in ("OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            env.pop(k, None)
+        env.update(tuning_env(tuned))
     env.update(extra or {})
     return env
 
@@ -467,6 +497,7 @@ def run_one(cmd: list[str], spec: dict, env: dict, timeout: float, workdir: str,
     with open(spec_path, "w") as fh:
         json.dump(spec, fh, indent=2)
     t0 = time.perf_counter()
+    cpu0 = cpu_times()
     try:
         with open(log_path, "w") as logf:
             p = subprocess.run([*cmd, spec_path, result_path], stdout=logf, stderr=subprocess.STDOUT, env=env,
@@ -486,7 +517,26 @@ def run_one(cmd: list[str], spec: dict, env: dict, timeout: float, workdir: str,
         with open(log_path, errors="replace") as fh:
             res["log_tail"] = fh.read()[-3000:]
     res["process_seconds"] = time.perf_counter() - t0
+    res["cpu_steal_pct"] = steal_pct(cpu0, cpu_times())
     return res
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's aggregate CPU counters (/proc/stat ``cpu`` line, jiffies), or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_pct(before, after) -> float | None:
+    """Percent of CPU time the hypervisor gave to other guests between two :func:`cpu_times` readings
+    (``steal``, the 8th counter): a virtual machine's timings are only comparable when it is low."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return round(100.0 * (after[7] - before[7]) / total, 1) if total > 0 else None
 
 
 def load_average() -> list[float] | None:
@@ -555,6 +605,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for every runner")
     ap.add_argument("--inter_op_threads", type=int, default=2, help="inter-op threads for every runner")
+    ap.add_argument("--process_tuning", default="all", choices=("all", "ours", "none"),
+                    help="the process settings of our entry points (OMP_WAIT_POLICY=PASSIVE, glibc malloc "
+                         "thresholds; common/runtime.py) for every runner (all: default, the fair comparison), "
+                         "only for ours, or for nobody")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10; quick 3)")
     ap.add_argument("--window", type=int, default=None, help="steps per timed window (default 16; quick 6)")
     ap.add_argument("--windows", type=int, default=None, help="timed windows (default 5; quick 3)")
@@ -636,6 +690,8 @@ def main(argv=None) -> int:
                     embed_size=args.embed_size, mlp=args.mlp, optimizer=args.optimizer, peer_optimizer="Adam",
                     lr=args.lr, device=args.device, threads=args.threads, inter_op_threads=args.inter_op_threads,
                     warmup=args.warmup, window=args.window, windows=args.windows, seed=args.seed, quick=args.quick,
+                    process_tuning=args.process_tuning,
+                    process_tuning_env=tuning_env(True),
                     auc_after="one epoch over the training split (every runner sees the same rows)",
                     ours_data_path="LMDB store via zoo_torch.data.batches / zoo_tf.data.batches (shuffle=True)",
                     peers_data_path="in-memory numpy arrays exported from the same store (stored order)")
@@ -649,7 +705,7 @@ def main(argv=None) -> int:
                 spec = dict(base, runner="ours", backend=backend)
                 tag = f"{model}-ours-{backend}"
                 log(f"{model}: ours ({backend}, {args.device}) ...")
-                env = child_env(drop=("TF_USE_LEGACY_KERAS",))
+                env = child_env(drop=("TF_USE_LEGACY_KERAS",), tuned=args.process_tuning != "none")
                 res = run_one([sys.executable, os.path.abspath(__file__), "--child"], spec, env, args.timeout,
                               workdir, tag)
                 res.update(runner="ours", backend=backend, model=model, label=f"ours ({backend})")
@@ -669,7 +725,8 @@ def main(argv=None) -> int:
                 spec = dict(base, runner=peer)
                 extra = {"TF_USE_LEGACY_KERAS": "1"} if peer == "deepctr_tf" else {}
                 res = run_one([venv_python(peers_env["path"]), os.path.join(PEERS_DIR, "run_peer.py")], spec,
-                              child_env(extra), args.timeout, workdir, f"{model}-{peer}")
+                              child_env(extra, tuned=args.process_tuning == "all"), args.timeout, workdir,
+                              f"{model}-{peer}")
                 res.update(rec)
                 runs.append(res)
                 log(_one_line(res))
@@ -756,8 +813,8 @@ def _fmt(x, spec=",.0f", none="-"):
 
 def markdown_table(report: dict) -> str:
     lines = ["| model | runner | version | rows/s (median) | windows min-max | x fastest peer | valid AUC "
-             "| valid logloss | peak RSS MB | RSS after import MB | status |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| valid logloss | peak RSS MB | RSS after import MB | CPU steal % | status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["runs"]:
         ver = r.get("library_version") or ""
         if r["runner"] == "ours":
@@ -776,7 +833,7 @@ def markdown_table(report: dict) -> str:
             f"| {rng} "
             f"| {_fmt(r.get('ratio_to_fastest_peer'), '.2f')} | {_fmt(r.get('valid_auc'), '.4f')} "
             f"| {_fmt(r.get('valid_logloss'), '.4f')} | {_fmt(r.get('peak_rss_mb'))} "
-            f"| {_fmt(r.get('rss_after_import_mb'))} | {status} |")
+            f"| {_fmt(r.get('rss_after_import_mb'))} | {_fmt(r.get('cpu_steal_pct'), '.1f')} | {status} |")
     return "\n".join(lines) + "\n"
 
 
@@ -801,6 +858,15 @@ def markdown(report: dict) -> str:
             f"- Config: batch {s['batch_size']}, embedding {s['embed_size']}, MLP {s['mlp']} (AutoInt: attention only), "
             f"lr {s['lr']}, ours {s['optimizer']} / peers Adam, no L2, no dropout, device {s['device']}",
             f"- Threads: {s['threads']} intra-op, {s['inter_op_threads']} inter-op for every runner",
+            "- Process settings (`--process_tuning " + str(s.get("process_tuning", "none")) + "`): "
+            + {"all": "every runner, peers included, runs with our entry points' settings "
+                      "(common/runtime.py: " + ", ".join(f"{k}={v}" for k, v in
+                                                         (s.get("process_tuning_env") or {}).items()) + ")",
+               "ours": "only our runs get our entry points' settings (common/runtime.py); peers run with "
+                       "the system defaults",
+               "none": "nobody gets them (system defaults)"}.get(s.get("process_tuning", "none"), "?"),
+            "- CPU steal %: share of the machine's CPU time the hypervisor gave to other guests during the "
+            "run (/proc/stat); timings taken with a high steal are low and noisy",
             f"- Timing: one epoch; rows/s = median of {s['windows']} windows x {s['window']} steps after "
             f"{s['warmup']} warm-up steps (data feeding included); AUC after {s['auc_after']}",
             f"- Ours read {s['ours_data_path']}; peers read {s['peers_data_path']}",

@@ -156,6 +156,44 @@ def unpack(schema: Schema, packed: dict, convert=lambda a: a) -> dict:
     return out
 
 
+def categorical_offsets(schema: Schema) -> np.ndarray:
+    """int64 ``[C]``: the offset of each categorical field's embedding group in the one offset table."""
+    offs = schema.group_offsets()
+    return np.array([offs[f.embedding_group] for f in schema.categorical], dtype=np.int64)
+
+
+def row_plan(cat: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The global table rows of a batch's categorical fields and their sort, computed ahead of the step.
+
+    ``cat`` int ``[b, C]`` (the packed categorical ids), ``offsets`` int64 ``[C]``.  Returns
+    ``(rows [b, C] int64 = cat + offsets, uniq, order, starts)`` where, over ``flat = rows.ravel()``,
+    ``order`` sorts ``flat``, ``uniq`` are its distinct values (ascending) and ``starts[k]`` is the
+    position in ``flat[order]`` where the run of ``uniq[k]`` begins -- exactly what a row-sparse
+    optimiser needs to sum duplicate rows' gradients (``zoo_torch.optim``).  The loaders compute it in
+    their prefetch thread, so the sort is off the training step's critical path.
+    """
+    rows = np.add(cat, offsets, dtype=np.int64)
+    flat = rows.ravel()
+    if flat.size == 0:
+        z = np.zeros(0, np.int64)
+        return rows, z, z, z
+    order = np.argsort(flat)
+    srt = flat[order]
+    flag = np.empty(flat.size, dtype=bool)
+    flag[0] = True
+    np.not_equal(srt[1:], srt[:-1], out=flag[1:])
+    starts = np.flatnonzero(flag)
+    return rows, srt[starts], order, starts
+
+
+def segment_ids(starts: np.ndarray, n: int) -> np.ndarray:
+    """int32 ``[n]``: for each position of the sorted rows, the index of its distinct row (from ``starts``)."""
+    seg = np.zeros(n, dtype=np.int32)
+    if starts.size > 1:
+        seg[starts[1:]] = 1
+    return np.cumsum(seg, dtype=np.int32)
+
+
 def open_dataset(dataset_dir: str, verify: bool = True) -> tuple[Schema, Store]:
     schema = Schema.load(dataset_dir)
     store = Store(dataset_dir, verify=verify, schema_hash=schema.model_hash())

@@ -27,6 +27,8 @@ the replica's own copies (all replicas apply the same all-reduced gradients).
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import tensorflow as tf
 
@@ -50,8 +52,50 @@ def _scatter_sub_unique(v, idx, upd):
     _RAW.ResourceScatterUpdate(resource=_h(v), indices=idx, updates=_gather(v, idx) - upd)
 
 
+# graph id -> (graph, {rows tensor ref: (uniq, order, seg)}), for the functions being traced
+_ROW_PLANS: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def register_row_plan(rows, uniq, order, seg) -> None:
+    """Record, in the function being traced, that ``rows`` [B, C] has the sort ``(uniq, order, seg)``
+    (``zoo_tf.data.PLAN_KEYS``): a gather gradient whose indices are ``rows`` is then summed per row
+    with it instead of ``tf.unique``.  Outside a ``tf.function`` (eager) there is nothing to record."""
+    if tf.executing_eagerly() or not hasattr(rows, "graph"):
+        return
+    key = id(rows.graph)
+    entry = _ROW_PLANS.pop(key, None)
+    if entry is None or entry[0] is not rows.graph:
+        entry = (rows.graph, {})
+    _ROW_PLANS[key] = entry                    # most recent last; only the last few graphs are kept
+    while len(_ROW_PLANS) > 16:
+        _ROW_PLANS.popitem(last=False)
+    entry[1][rows.ref()] = (uniq, order, seg)
+
+
+def _registered_plan(indices):
+    """The registered plan of the forward rows behind a gather gradient's ``indices`` (their reshape), or None."""
+    if tf.executing_eagerly() or not hasattr(indices, "op"):
+        return None
+    entry = _ROW_PLANS.get(id(indices.graph))
+    if entry is None or entry[0] is not indices.graph:
+        return None
+    plans = entry[1]
+    op = indices.op
+    src = op.inputs[0] if op.type == "Reshape" else indices
+    return plans.get(src.ref())
+
+
 def _dedup(g: tf.IndexedSlices):
-    """(unique row indices, summed row gradients) of an IndexedSlices gradient."""
+    """(unique row indices, summed row gradients) of an IndexedSlices gradient.
+
+    With the loader's plan for these indices (:func:`register_row_plan`) the duplicates are summed
+    in sorted order (gather + ``segment_sum``, as zoo_torch's ``embedding_bag``); otherwise
+    ``tf.unique`` + ``unsorted_segment_sum``.
+    """
+    plan = _registered_plan(g.indices)
+    if plan is not None:
+        uniq, order, seg = plan
+        return uniq, tf.math.segment_sum(tf.gather(g.values, order), seg)
     idx, pos = tf.unique(g.indices)
     vals = tf.math.unsorted_segment_sum(g.values, pos, tf.shape(idx)[0])
     return idx, vals

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from zoo_tf import trainable_named
-from zoo_tf.data import element_spec
+from zoo_tf.data import PLAN_KEYS, element_spec
 
 
 def configure_threads(intra_op: int | None = None, inter_op: int | None = None) -> bool:
@@ -58,6 +58,11 @@ class TrainStep:
         spec = _signature(model)
         self._keys = tuple(spec)
         self._step = tf.function(self._step_impl, input_signature=[spec], reduce_retracing=True)
+        # batches that carry the loader's row plan (zoo_tf.data PLAN_KEYS): a second signature
+        plan_spec = element_spec(model.schema, with_plan=True)
+        self._plan_keys = tuple(plan_spec) if len(plan_spec) > len(spec) else None
+        self._step_plan = (tf.function(self._step_impl, input_signature=[plan_spec], reduce_retracing=True)
+                           if self._plan_keys else None)
         self._compute = tf.function(self.gradients, input_signature=[spec], reduce_retracing=True)
         self._apply = tf.function(self._apply_impl, reduce_retracing=True)
 
@@ -84,6 +89,8 @@ class TrainStep:
 
     def __call__(self, batch):
         """Train on one batch; returns the mean data loss (without the penalty), a scalar tensor."""
+        if self._plan_keys is not None and PLAN_KEYS[0] in batch:
+            return self._step_plan({k: batch[k] for k in self._plan_keys})
         return self._step(self._select(batch))
 
     def compute_gradients(self, batch):

@@ -31,13 +31,13 @@ import sys
 import tensorflow as tf
 
 import zoo_tf
-from common.batching import iter_packed, num_batches, open_dataset, unpack
+from common.batching import categorical_offsets, iter_packed, num_batches, open_dataset, unpack
 from common.errors import FlagError, cli_errors
 from common.flags import check_gpu_ids
 from common.metrics import auc, logloss
 from common.optim import make_optimizer_config
 from common.train_utils import Backend, TrainArgs, prefetch, result_line, run_training, split_prefix
-from zoo_tf.data import element_spec
+from zoo_tf.data import element_spec, numpy_plan
 from zoo_tf.layers.base import Dropout
 from zoo_tf.losses import get_loss
 from zoo_tf.optim import build_optimizer
@@ -187,11 +187,18 @@ class TFBackend(Backend):
     def steps_per_epoch(self) -> int:
         return num_batches(self.store.rows("train"), self.args.batch_size, False)
 
-    def _numpy_batches(self, split, batch_size, shuffle, epoch=0, start_batch=0, rank=0, world_size=1):
+    def _numpy_batches(self, split, batch_size, shuffle, epoch=0, start_batch=0, rank=0, world_size=1,
+                       plan=False):
+        """Field dicts of numpy arrays; ``plan=True`` adds the row plan (zoo_tf.data.numpy_plan), computed
+        here, i.e. in the prefetch thread, so the step has no sort to do."""
+        offsets = categorical_offsets(self.schema) if plan and self.schema.categorical else None
         for packed in iter_packed(self.store, split, batch_size, shuffle, self.args.seed, epoch, rank, world_size,
                                   False, start_batch):
             b = unpack(self.schema, packed)
-            yield {k: b[k] for k in self.keys}
+            out = {k: b[k] for k in self.keys}
+            if offsets is not None:
+                out.update(numpy_plan(packed["cat"], offsets))
+            yield out
 
     def _replica_parts(self, epoch, start_batch):
         """Per step: the numpy batches of this worker's replicas (global ids worker*R .. worker*R+R-1)."""
@@ -209,7 +216,8 @@ class TFBackend(Backend):
 
     def train_batches(self, epoch: int, start_batch: int):
         if self.strategy is None:
-            yield from prefetch(self._numpy_batches("train", self.args.batch_size, True, epoch, start_batch))
+            yield from prefetch(self._numpy_batches("train", self.args.batch_size, True, epoch, start_batch,
+                                                    plan=True))
             return
         first = self.worker_index * self.local_replicas
         for parts in prefetch(self._replica_parts(epoch, start_batch)):

@@ -1,9 +1,26 @@
-"""PyTorch loader over the shared LMDB store: same rows, same order as zoo_tf.data.batches."""
+"""PyTorch loader over the shared LMDB store: same rows, same order as zoo_tf.data.batches.
+
+Each batch is a :class:`Batch` -- a plain ``{field: tensor, "label": tensor}`` dict that also
+carries, as attributes, the categorical fields' global table rows and their sort
+(:func:`common.batching.row_plan`), computed in the prefetch thread.  ``FeatureEmbedding``
+looks rows up from ``batch.cat_rows`` and the row-sparse optimiser reuses ``batch.row_sort``
+instead of sorting the gradient's indices in the step.  A plain dict (or a copy) works the
+same, only without the head start.
+"""
 from __future__ import annotations
 
 import torch
 
-from common.batching import iter_packed, num_batches, open_dataset, prefetch, unpack
+from common.batching import categorical_offsets, iter_packed, num_batches, open_dataset, prefetch, row_plan, unpack
+
+
+class Batch(dict):
+    """A batch dict with the precomputed ``cat_rows`` [b, C] int64 and ``row_sort`` (uniq, order, starts);
+    ``row_key`` = (categorical field names, their table offsets) says which table layout they are for."""
+
+    cat_rows = None
+    row_sort = None
+    row_key = None
 
 
 def _tensor(a):
@@ -33,8 +50,16 @@ class Batches:
         return num_batches(rows, self.kw["batch_size"], self.kw["drop_last"]) - self.start_batch
 
     def _gen(self):
+        offsets = categorical_offsets(self.schema) if self.schema.categorical else None
+        key = (tuple(f.name for f in self.schema.categorical), tuple(int(o) for o in offsets)) \
+            if offsets is not None else None
         for packed in iter_packed(self.store, epoch=self.epoch, start_batch=self.start_batch, **self.kw):
-            yield unpack(self.schema, packed, _tensor)
+            batch = Batch(unpack(self.schema, packed, _tensor))
+            if offsets is not None:
+                rows, uniq, order, starts = row_plan(packed["cat"], offsets)
+                batch.cat_rows, batch.row_key = torch.from_numpy(rows), key
+                batch.row_sort = (torch.from_numpy(uniq), torch.from_numpy(order), torch.from_numpy(starts))
+            yield batch
 
     def __iter__(self):
         return prefetch(self._gen(), self.prefetch)

@@ -30,6 +30,16 @@ from common.optim import OptimizerConfig, as_config, make_optimizer_config  # no
 from common.optim import state_from_arrays, state_to_arrays
 
 
+# The sort of the last looked-up categorical rows, computed by the loader (common.batching.row_plan) and
+# published by FeatureEmbedding; _dedup uses it when a gradient's indices are exactly those rows.
+_ROW_SORT: list = [None]
+
+
+def publish_row_sort(rows: torch.Tensor, plan) -> None:
+    """Offer ``plan = (uniq, order, starts)`` of ``rows.reshape(-1)`` to every optimiser's dedup."""
+    _ROW_SORT[0] = (rows.reshape(-1), *plan) if plan is not None else None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The raw model under DistributedDataParallel / DataParallel wrappers."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -136,7 +146,8 @@ class Optimizer:
         Sort once, then sum each run of equal indices with ``embedding_bag``
         (a parallel segment sum; ``coalesce``/``index_add_`` loop row by row on
         CPU).  Tables looked up with the same indices in the same step (e.g. a
-        model's linear and embedding tables) share the sort.
+        model's linear and embedding tables) share the sort, and when the indices are
+        the rows the loader already sorted (:func:`publish_row_sort`) there is no sort.
         """
         idx, vals = g._indices()[0], g._values()
         if g.is_coalesced() or idx.numel() == 0:
@@ -144,6 +155,9 @@ class Optimizer:
         c = self._dedup_cache
         if c is not None and c[0].shape == idx.shape and torch.equal(c[0], idx):
             _, uniq, order, starts = c
+        elif (h := _ROW_SORT[0]) is not None and h[0].shape == idx.shape and h[0].device == idx.device \
+                and torch.equal(h[0], idx):
+            _, uniq, order, starts = self._dedup_cache = h
         else:
             if idx.device.type == "cpu":         # numpy's introsort is several times faster here
                 ix = idx.numpy()

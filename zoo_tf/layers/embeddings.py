@@ -8,6 +8,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from zoo_tf.layers.base import Module
+from zoo_tf.optim import register_row_plan
 
 
 class FieldIndex:
@@ -22,6 +23,10 @@ class FieldIndex:
         self.n_num = len(self.num_names)
 
     def categorical(self, batch):
+        if "_rows" in batch and batch["_rows"].shape[-1] == len(self.cat_names):
+            rows = batch["_rows"]       # precomputed by the loader from the same schema (zoo_tf.data PLAN_KEYS)
+            register_row_plan(rows, batch["_uniq"], batch["_order"], batch["_seg"])
+            return rows
         idx = tf.cast(tf.stack([batch[n] for n in self.cat_names], 1), tf.int64)
         return idx + self.cat_offsets
 

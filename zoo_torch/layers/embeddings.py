@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo_torch.layers.base import Module
+from zoo_torch.optim import publish_row_sort
 
 
 class FieldIndex:
@@ -26,11 +27,16 @@ class FieldIndex:
         self.num_names = [f.name for f in schema.numeric]
         self.seq_names = [f.name for f in schema.sequence]
         self.cat_offsets = torch.tensor([offs[f.embedding_group] for f in schema.categorical], dtype=torch.int64)
+        self.row_key = (tuple(self.cat_names), tuple(int(o) for o in self.cat_offsets))
         self.seq_offsets = [offs[f.embedding_group] for f in schema.sequence]
         self.total_rows = schema.total_vocab
         self.n_num = len(self.num_names)
 
     def categorical(self, batch):
+        rows = getattr(batch, "cat_rows", None)       # precomputed by zoo_torch.data (same values)
+        if rows is not None and batch.row_key == self.row_key and rows.device == batch[self.cat_names[0]].device:
+            publish_row_sort(rows, batch.row_sort)
+            return rows
         idx = torch.stack([batch[n] for n in self.cat_names], 1).to(torch.int64)
         return idx + self.cat_offsets.to(idx.device)
 
