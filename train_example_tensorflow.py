@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from common.runtime import configure_process  # noqa: E402
 
-# before TensorFlow starts its threads: malloc reuses large blocks (see common/runtime.py;
-# CTR_ZOO_PROCESS_TUNING=0 turns it off)
-configure_process()
+# OpenMP threads sleep when idle (see common/runtime.py; CTR_ZOO_PROCESS_TUNING=0 turns it off); the
+# malloc part is for PyTorch only -- TensorFlow does not get faster with it, only bigger
+configure_process(malloc=False)
 
 from common.errors import cli_errors  # noqa: E402
 from common.flags import parse_args, resolve_data  # noqa: E402

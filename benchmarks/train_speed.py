@@ -395,7 +395,7 @@ def _ours_torch(spec: dict) -> dict:
 def _ours_tf(spec: dict) -> dict:
     from common.runtime import configure_process
 
-    tuning = configure_process()           # what train_example_tensorflow.py does first
+    tuning = configure_process(malloc=False)   # what train_example_tensorflow.py does first
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -467,16 +467,19 @@ def child_main(spec_path: str, result_path: str) -> int:
 # The process settings our entry points apply (common.runtime.configure_process), as environment
 # variables so that a peer's process can get exactly the same: OpenMP threads sleep when idle, and
 # glibc malloc serves blocks up to 1 GiB from its (reused) heap instead of fresh mmaps.
-def tuning_env(tuned: bool) -> dict:
+# A TensorFlow process gets only the OpenMP setting, as train_example_tensorflow.py does.
+def tuning_env(tuned: bool, framework: str = "torch") -> dict:
     from common.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, TUNE_ENV
 
     if not tuned:
         return {TUNE_ENV: "0"}
-    return {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if framework == "torch":
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+    return env
 
 
-def child_env(extra: dict | None = None, drop=(), tuned: bool | None = None) -> dict:
+def child_env(extra: dict | None = None, drop=(), tuned: bool | None = None, framework: str = "torch") -> dict:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
@@ -485,7 +488,7 @@ def child_env(extra: dict | None = None, drop=(), tuned: bool | None = None) -> 
     if tuned is not None:
         for k in ("OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
             env.pop(k, None)
-        env.update(tuning_env(tuned))
+        env.update(tuning_env(tuned, framework))
     env.update(extra or {})
     return env
 
@@ -691,7 +694,8 @@ def main(argv=None) -> int:
                     lr=args.lr, device=args.device, threads=args.threads, inter_op_threads=args.inter_op_threads,
                     warmup=args.warmup, window=args.window, windows=args.windows, seed=args.seed, quick=args.quick,
                     process_tuning=args.process_tuning,
-                    process_tuning_env=tuning_env(True),
+                    process_tuning_env={"torch": tuning_env(True, "torch"),
+                                        "tensorflow": tuning_env(True, "tensorflow")},
                     auc_after="one epoch over the training split (every runner sees the same rows)",
                     ours_data_path="LMDB store via zoo_torch.data.batches / zoo_tf.data.batches (shuffle=True)",
                     peers_data_path="in-memory numpy arrays exported from the same store (stored order)")
@@ -705,7 +709,8 @@ def main(argv=None) -> int:
                 spec = dict(base, runner="ours", backend=backend)
                 tag = f"{model}-ours-{backend}"
                 log(f"{model}: ours ({backend}, {args.device}) ...")
-                env = child_env(drop=("TF_USE_LEGACY_KERAS",), tuned=args.process_tuning != "none")
+                env = child_env(drop=("TF_USE_LEGACY_KERAS",), tuned=args.process_tuning != "none",
+                                framework="torch" if backend == "torch" else "tensorflow")
                 res = run_one([sys.executable, os.path.abspath(__file__), "--child"], spec, env, args.timeout,
                               workdir, tag)
                 res.update(runner="ours", backend=backend, model=model, label=f"ours ({backend})")
@@ -725,7 +730,8 @@ def main(argv=None) -> int:
                 spec = dict(base, runner=peer)
                 extra = {"TF_USE_LEGACY_KERAS": "1"} if peer == "deepctr_tf" else {}
                 res = run_one([venv_python(peers_env["path"]), os.path.join(PEERS_DIR, "run_peer.py")], spec,
-                              child_env(extra, tuned=args.process_tuning == "all"), args.timeout, workdir,
+                              child_env(extra, tuned=args.process_tuning == "all", framework=framework), args.timeout,
+                              workdir,
                               f"{model}-{peer}")
                 res.update(rec)
                 runs.append(res)
@@ -860,8 +866,9 @@ def markdown(report: dict) -> str:
             f"- Threads: {s['threads']} intra-op, {s['inter_op_threads']} inter-op for every runner",
             "- Process settings (`--process_tuning " + str(s.get("process_tuning", "none")) + "`): "
             + {"all": "every runner, peers included, runs with our entry points' settings "
-                      "(common/runtime.py: " + ", ".join(f"{k}={v}" for k, v in
-                                                         (s.get("process_tuning_env") or {}).items()) + ")",
+                      "(common/runtime.py; PyTorch processes: " + ", ".join(
+                          f"{k}={v}" for k, v in ((s.get("process_tuning_env") or {}).get("torch") or {}).items())
+                      + "; TensorFlow processes: OMP_WAIT_POLICY=PASSIVE only)",
                "ours": "only our runs get our entry points' settings (common/runtime.py); peers run with "
                        "the system defaults",
                "none": "nobody gets them (system defaults)"}.get(s.get("process_tuning", "none"), "?"),

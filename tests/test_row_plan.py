@@ -164,8 +164,10 @@ def test_configure_process_sets_malloc_and_omp():
     on = _run_python(code, {})
     assert on["env"] == "PASSIVE" and on["omp_wait_policy"] == "PASSIVE"
     if platform.libc_ver()[0] == "glibc":
-        assert on["malloc"] == "glibc" and on["mmap_threshold"] == 1 << 30
+        assert on["malloc"] == "glibc" and on["mmap_threshold"] == 1 << 28
     off = _run_python(code, {"CTR_ZOO_PROCESS_TUNING": "0"})
     assert off["malloc"] == "default" and off["env"] is None
     kept = _run_python(code, {"OMP_WAIT_POLICY": "ACTIVE"})
     assert kept["env"] == "ACTIVE"
+    tf_like = _run_python(code.replace("configure_process()", "configure_process(malloc=False)"), {})
+    assert tf_like["malloc"] == "default" and tf_like["env"] == "PASSIVE"

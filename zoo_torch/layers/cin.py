@@ -13,8 +13,9 @@ activation in its experiments).  ``split_half`` (all layers but the last): the f
 floor(H_k/2) feature maps feed layer k+1, the other H_k - floor(H_k/2) are sum-pooled into
 the output; without it every map does both.
 
-Computed channels-last, [B, D, H]: Z = (X^{k-1}[:, :, :, None] * X^0[:, :, None, :]) is
-[B, D, H_{k-1} m] and X^k = Z @ W^k -- one outer product and one matmul per layer.
+Computed channels-last over the N = B D rows (b, d): Z = X^{k-1}[:, :, None] * X^0[:, None, :] is
+[N, H_{k-1} m] and X^k = Z @ W^k -- one outer product and one matmul per layer.  In training
+``_CINMap`` does the same without keeping Z for the backward (it is recomputed there).
 """
 from __future__ import annotations
 
@@ -47,11 +48,49 @@ class CIN(Module):
             self.out_dim += h - self.pool_from[-1]
 
     def forward(self, e):
-        x0 = e.transpose(1, 2)                                       # [B, D, m]
+        b, m, d = e.shape
+        x0 = e.transpose(1, 2).reshape(b * d, m)                     # [B D, m] rows n = (b, d)
         x, pooled = x0, []
+        fast = torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
         for k, layer in enumerate(self.layers):
-            z = (x.unsqueeze(-1) * x0.unsqueeze(-2)).flatten(2)      # [B, D, H_{k-1} m], c = i*m + j
-            xk = layer(z)                                            # [B, D, H_k]
-            pooled.append(xk[..., self.pool_from[k]:].sum(1))        # [B, H_k - pool_from]
-            x = xk[..., :self.next_maps[k]]
+            if fast:                                                 # training: outer product not kept
+                xk = _CINMap.apply(x, x0, layer.kernel, layer.bias)  # [B D, H_k]
+            else:
+                z = (x.unsqueeze(-1) * x0.unsqueeze(-2)).flatten(1)  # [B D, H_{k-1} m], c = i*m + j
+                xk = layer(z)
+            h = xk.shape[1]
+            pooled.append(xk.view(b, d, h)[..., self.pool_from[k]:].sum(1))   # [B, H_k - pool_from]
+            x = xk[:, :self.next_maps[k]]
         return torch.cat(pooled, -1)
+
+
+class _CINMap(torch.autograd.Function):
+    """One CIN layer over N = B D rows: ``X^k = (X^{k-1} (x) X^0) @ W + b`` with the outer product
+    Z [N, H m] (the layer's biggest tensor, ~1 GB at batch 4096) never kept: the backward recomputes
+    it for dW = Z^T dY, and gets dX^{k-1}_i = sum_j dZ_ij X^0_j, dX^0_j = sum_i dZ_ij X^{k-1}_i as two
+    batched mat-vecs instead of autograd's product-then-reduce passes."""
+
+    @staticmethod
+    def forward(ctx, x, x0, kernel, bias):
+        x = x.contiguous()
+        z = (x.unsqueeze(2) * x0.unsqueeze(1)).view(x.shape[0], -1)
+        ctx.save_for_backward(x, x0, kernel)
+        return torch.addmm(bias, z, kernel) if bias is not None else z @ kernel
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, x0, kernel = ctx.saved_tensors
+        n, h = x.shape
+        gx = gx0 = gk = gb = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            gz = (gy @ kernel.t()).view(n, h, x0.shape[1])           # [N, H, m]
+            if ctx.needs_input_grad[0]:
+                gx = torch.bmm(gz, x0.unsqueeze(2)).squeeze(2)
+            if ctx.needs_input_grad[1]:
+                gx0 = torch.bmm(x.unsqueeze(1), gz).squeeze(1)
+            del gz
+        if ctx.needs_input_grad[2]:
+            gk = (x.unsqueeze(2) * x0.unsqueeze(1)).view(n, -1).t() @ gy
+        if ctx.needs_input_grad[3]:
+            gb = gy.sum(0)
+        return gx, gx0, gk, gb
