@@ -75,6 +75,10 @@ def test_torch_batches_carry_the_plan(random_dataset):
         for x, y in zip(b.row_sort, (uniq, order, starts)):
             np.testing.assert_array_equal(x.numpy(), y)
         assert b.row_key == (tuple(f.name for f in schema.categorical), tuple(int(o) for o in offsets))
+    plain = list(ptd.batches(random_dataset, "train", 64, shuffle=True, seed=4, row_plan=False))
+    assert len(plain) == len(got) and all(b.cat_rows is None and b.row_sort is None for b in plain)
+    for a, b in zip(plain, got):
+        assert list(a) == list(b) and all(a[k].equal(b[k]) for k in a)
 
 
 @pytest.mark.parametrize("optimizer", ["LazyAdam", "Adam", "Adagrad", "SGD"])

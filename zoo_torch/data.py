@@ -36,8 +36,9 @@ class Batches:
     """
 
     def __init__(self, dataset_dir, split="train", batch_size=4096, shuffle=True, seed=0, rank=0,
-                 world_size=1, drop_last=False, epoch=0, start_batch=0, prefetch=4):
+                 world_size=1, drop_last=False, epoch=0, start_batch=0, prefetch=4, row_plan=True):
         self.schema, self.store = open_dataset(dataset_dir)
+        self.row_plan = row_plan
         self.kw = dict(split=split, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank,
                        world_size=world_size, drop_last=drop_last)
         self.epoch, self.start_batch, self.prefetch = epoch, start_batch, prefetch
@@ -50,7 +51,7 @@ class Batches:
         return num_batches(rows, self.kw["batch_size"], self.kw["drop_last"]) - self.start_batch
 
     def _gen(self):
-        offsets = categorical_offsets(self.schema) if self.schema.categorical else None
+        offsets = categorical_offsets(self.schema) if self.row_plan and self.schema.categorical else None
         key = (tuple(f.name for f in self.schema.categorical), tuple(int(o) for o in offsets)) \
             if offsets is not None else None
         for packed in iter_packed(self.store, epoch=self.epoch, start_batch=self.start_batch, **self.kw):
@@ -66,6 +67,7 @@ class Batches:
 
 
 def batches(dataset_dir, split="train", batch_size=4096, shuffle=True, seed=0, rank=0, world_size=1,
-            drop_last=False, epoch=0, start_batch=0, prefetch=4) -> Batches:
+            drop_last=False, epoch=0, start_batch=0, prefetch=4, row_plan=True) -> Batches:
+    """``row_plan=False``: plain batches (the step then sorts the rows itself)."""
     return Batches(dataset_dir, split, batch_size, shuffle, seed, rank, world_size, drop_last, epoch,
-                   start_batch, prefetch)
+                   start_batch, prefetch, row_plan)
