@@ -173,17 +173,23 @@ def row_plan(cat: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarr
     their prefetch thread, so the sort is off the training step's critical path.
     """
     rows = np.add(cat, offsets, dtype=np.int64)
-    flat = rows.ravel()
+    return (rows, *sort_runs(rows.ravel()))
+
+
+def sort_runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(uniq, order, starts)`` of a 1-D integer array: ``order`` sorts it (numpy's introsort), ``uniq``
+    are its distinct values ascending, ``starts[k]`` is where the run of ``uniq[k]`` begins in
+    ``flat[order]``.  Shared by :func:`row_plan` and zoo_torch's optimiser (sparse-gradient dedup)."""
     if flat.size == 0:
         z = np.zeros(0, np.int64)
-        return rows, z, z, z
+        return z, z, z
     order = np.argsort(flat)
     srt = flat[order]
     flag = np.empty(flat.size, dtype=bool)
     flag[0] = True
     np.not_equal(srt[1:], srt[:-1], out=flag[1:])
     starts = np.flatnonzero(flag)
-    return rows, srt[starts], order, starts
+    return srt[starts], order, starts
 
 
 def segment_ids(starts: np.ndarray, n: int) -> np.ndarray:

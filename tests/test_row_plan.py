@@ -102,10 +102,10 @@ def test_torch_step_with_plan_equals_step_without(cat_dataset, optimizer, monkey
         step = TrainStep(model, opt, get_loss("BCE"))
         sorts = []
         real_argsort = np.argsort
-        monkeypatch.setattr(zopt.np, "argsort", lambda a, *k, **kw: sorts.append(1) or real_argsort(a, *k, **kw))
+        monkeypatch.setattr(np, "argsort", lambda a, *k, **kw: sorts.append(1) or real_argsort(a, *k, **kw))
         for b in batches:
             step(b if use_plan else dict(b))           # a plain dict copy has no plan
-        monkeypatch.setattr(zopt.np, "argsort", real_argsort)
+        monkeypatch.setattr(np, "argsort", real_argsort)
         weights.append(({n: p.detach().clone() for n, p in model.named_parameters()}, len(sorts)))
     (with_plan, sorts_plan), (without, sorts_none) = weights
     assert sorts_plan == 0 and sorts_none == len(batches)     # once per step (tables share the sort)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
+from common.batching import sort_runs
 from common.optim import OptimizerConfig, as_config, make_optimizer_config  # noqa: F401  (re-export)
 from common.optim import state_from_arrays, state_to_arrays
 
@@ -152,22 +152,14 @@ class Optimizer:
         idx, vals = g._indices()[0], g._values()
         if g.is_coalesced() or idx.numel() == 0:
             return idx, vals
-        c = self._dedup_cache
-        if c is not None and c[0].shape == idx.shape and torch.equal(c[0], idx):
-            _, uniq, order, starts = c
-        elif (h := _ROW_SORT[0]) is not None and h[0].shape == idx.shape and h[0].device == idx.device \
-                and torch.equal(h[0], idx):
-            _, uniq, order, starts = self._dedup_cache = h
+        known = next((c for c in (self._dedup_cache, _ROW_SORT[0])    # this step's earlier table, the loader's
+                      if c is not None and c[0].shape == idx.shape and c[0].device == idx.device
+                      and torch.equal(c[0], idx)), None)
+        if known is not None:
+            _, uniq, order, starts = self._dedup_cache = known
         else:
             if idx.device.type == "cpu":         # numpy's introsort is several times faster here
-                ix = idx.numpy()
-                order_np = np.argsort(ix)
-                srt = ix[order_np]
-                flag = np.empty(ix.size, dtype=bool)
-                flag[0] = True
-                np.not_equal(srt[1:], srt[:-1], out=flag[1:])
-                starts_np = np.flatnonzero(flag)
-                uniq, order, starts = (torch.from_numpy(a) for a in (srt[starts_np], order_np, starts_np))
+                uniq, order, starts = (torch.from_numpy(a) for a in sort_runs(idx.numpy()))
             else:
                 srt, order = torch.sort(idx)
                 flag = torch.empty(idx.numel(), dtype=torch.bool, device=idx.device)
