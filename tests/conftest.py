@@ -1,8 +1,12 @@
 """Shared fixtures: a small random dataset (categorical + numeric + sequence fields) in the real store format."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +20,39 @@ from common.schema import Field, Schema  # noqa: E402
 from common.store import STORE_DIR, StoreWriter, layout_for  # noqa: E402
 
 SHARED_DATA = os.environ.get("CTR_ZOO_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+
+def subprocess_env(tmp_path, **extra) -> dict:
+    """Environment for an entry-point subprocess: its own data cache, one OpenMP thread, quiet TF, and
+    no distributed-launch variables inherited from the caller."""
+    env = dict(os.environ)
+    env.update(CTR_ZOO_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1", **extra)
+    for k in ("TF_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def last_json(stdout: str) -> dict:
+    """The entry points' contract: the LAST stdout line is one JSON object."""
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, "no stdout"
+    return json.loads(lines[-1])
+
+
+def sigkill_when(p: subprocess.Popen, ready, what: str, timeout: float, poll: float = 0.01) -> None:
+    """SIGKILL the running ``p`` as soon as ``ready()`` holds (fails if it ends first or ``timeout`` passes)."""
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert p.poll() is None, f"the run ended before {what}: {p.stderr.read()[-3000:]}"
+            assert time.time() < deadline, f"no {what}"
+            time.sleep(poll)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGKILL
 
 
 def write_random_dataset(path, rows=(600, 200, 200), n_cat=4, n_num=2, seq=True, chunk_rows=128, seed=0):

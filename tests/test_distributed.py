@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_random_dataset
+from conftest import ROOT, subprocess_env, write_random_dataset
 
 from common.train_utils import list_checkpoints, read_checkpoint, split_prefix
 
@@ -38,13 +38,7 @@ TIMEOUT = 420
 
 
 def _env(tmp_path) -> dict:
-    env = dict(os.environ)
-    env.update(CTR_ZOO_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    env.pop("TF_CONFIG", None)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return subprocess_env(tmp_path, PYTHONUNBUFFERED="1")
 
 
 def _script(backend: str) -> str:

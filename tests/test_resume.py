@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_random_dataset
+from conftest import ROOT, sigkill_when, subprocess_env, write_random_dataset
 
 from common.train_utils import list_checkpoints, read_checkpoint, split_prefix
 
@@ -37,14 +35,6 @@ def resume_data(tmp_path_factory):
     return path
 
 
-def _env(tmp_path):
-    env = dict(os.environ)
-    env.update(CTR_ZOO_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
-    for k in ("TF_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
 def _cmd(backend, data, out):
     return [sys.executable, os.path.join(ROOT, f"train_example_{backend}.py"), "--data", data,
             "--model_save_dir", out, *FLAGS]
@@ -59,7 +49,7 @@ def _final(out):
 
 @pytest.mark.parametrize("backend", ["pytorch", "tensorflow"])
 def test_kill_9_and_restart_gives_identical_weights(backend, resume_data, tmp_path):
-    env = _env(tmp_path)
+    env = subprocess_env(tmp_path)
     ref_dir, run_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
 
     ref = subprocess.run(_cmd(backend, resume_data, ref_dir), capture_output=True, text=True, env=env,
@@ -71,18 +61,8 @@ def test_kill_9_and_restart_gives_identical_weights(backend, resume_data, tmp_pa
     # start the same command, SIGKILL it once a checkpoint at step >= 21 exists (mid-epoch 1)
     p = subprocess.Popen(_cmd(backend, resume_data, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env)
-    deadline = time.time() + TIMEOUT
-    try:
-        while not any(s >= 21 for s, _ in list_checkpoints(run_dir)):
-            assert p.poll() is None, f"run ended before it could be killed: {p.stderr.read()[-3000:]}"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == -signal.SIGKILL
+    sigkill_when(p, lambda: any(s >= 21 for s, _ in list_checkpoints(run_dir)), "a checkpoint at step >= 21",
+                 TIMEOUT)
     left = list_checkpoints(run_dir)
     assert left and left[-1][0] < 80
     for _, path in left:                       # what a killed run leaves behind is complete

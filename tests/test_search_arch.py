@@ -16,15 +16,13 @@ import csv
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, last_json, sigkill_when, subprocess_env
 
 from common import nas_search
 from common.nas_space import load_subnet_config
@@ -38,27 +36,13 @@ N_CANDIDATES = 6 + 3 * 2
 TIMEOUT = 300
 
 
-def _env(tmp_path) -> dict:
-    env = dict(os.environ)
-    env.update(CTR_ZOO_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
-    for k in ("TF_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
 def _cmd(backend, data, out, *extra):
     return [sys.executable, SCRIPTS[backend], "--search_arch", "--data", data, "--model_save_dir", str(out),
             *TINY, *extra]
 
 
 def _run(cmd, tmp_path):
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=TIMEOUT, cwd=str(tmp_path))
-
-
-def _last_json(stdout: str) -> dict:
-    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
-    assert lines, "no stdout"
-    return json.loads(lines[-1])
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=TIMEOUT, cwd=str(tmp_path))
 
 
 def _csv(out) -> list[dict]:
@@ -68,20 +52,9 @@ def _csv(out) -> list[dict]:
 
 def _kill_when(cmd, tmp_path, ready, what):
     """Start ``cmd``, SIGKILL it as soon as ``ready()`` holds."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(tmp_path),
                          cwd=str(tmp_path))
-    deadline = time.time() + TIMEOUT
-    try:
-        while not ready():
-            assert p.poll() is None, f"the search ended before {what}: {p.stderr.read()[-3000:]}"
-            assert time.time() < deadline, f"no {what}"
-            time.sleep(0.005)
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == -signal.SIGKILL
+    sigkill_when(p, ready, what, TIMEOUT, poll=0.005)
 
 
 def _check_search_dir(out, res, backend):
@@ -112,7 +85,7 @@ def torch_reference(random_dataset, tmp_path_factory):
     p = _run(_cmd("pytorch", random_dataset, out, "--warmup_epochs", "3"), tmp)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "evolution (sigeo)" in p.stderr and "supernet warm-up" in p.stderr      # tqdm bars
-    return str(out), _last_json(p.stdout)
+    return str(out), last_json(p.stdout)
 
 
 def test_pytorch_search_writes_csv_and_top_k(torch_reference, random_dataset, tmp_path):
@@ -128,7 +101,7 @@ def test_pytorch_search_writes_csv_and_top_k(torch_reference, random_dataset, tm
     # a finished search run again reports the same result without evaluating anything
     p = _run(_cmd("pytorch", random_dataset, out, "--warmup_epochs", "3", "--noprogress"), tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    again = _last_json(p.stdout)
+    again = last_json(p.stdout)
     assert again["evaluated_this_run"] == 0 and again["top_k"] == res["top_k"]
     assert again["top_k_scores"] == res["top_k_scores"]
 
@@ -150,7 +123,7 @@ def test_pytorch_search_killed_twice_resumes_to_the_same_result(torch_reference,
     _kill_when(cmd, tmp_path, some_rows, "evaluated candidates")
     p = _run(cmd, tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
-    res = _last_json(p.stdout)
+    res = last_json(p.stdout)
     assert 0 < res["evaluated_this_run"] < N_CANDIDATES and res["from_saved_state"] > 0
     assert res["warmup_resumed_from_step"] == 30          # the warm-up had finished before the second kill
     _check_search_dir(str(out), res, "pytorch")
@@ -176,7 +149,7 @@ def test_found_subnet_trains_from_scratch_with_pytorch(torch_reference, random_d
               "--data", random_dataset, "--model_save_dir", str(out), "--epochs", "1", "--batch_size", "64",
               "--embed_size", "4", "--noprogress", "--threads", "1"], tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
-    r = _last_json(p.stdout)
+    r = last_json(p.stdout)
     assert r["model"] == "NASRec" and 0 < r["test_auc"] < 1 and math.isfinite(r["test_logloss"])
     w, meta = load_weights(r["checkpoint"])
     assert meta["model_config"]["supernet_config"] == res["best_config"]
@@ -193,7 +166,7 @@ def test_tensorflow_search_matches_pytorch_and_its_best_subnet_trains(torch_refe
     out = tmp_path / "tf"
     p = _run(_cmd("tensorflow", random_dataset, out, "--warmup_epochs", "3", "--noprogress"), tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
-    res = _last_json(p.stdout)
+    res = last_json(p.stdout)
     rows = _check_search_dir(str(out), res, "tensorflow")
     ref_rows = _csv(ref_out)
     # same seed, same data, same paths, same optimiser rules: the same initial population, close scores
@@ -204,7 +177,7 @@ def test_tensorflow_search_matches_pytorch_and_its_best_subnet_trains(torch_refe
               "--data", random_dataset, "--model_save_dir", str(tmp_path / "tf_train"), "--epochs", "1",
               "--batch_size", "64", "--embed_size", "4", "--noprogress", "--threads", "1"], tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
-    r = _last_json(p.stdout)
+    r = last_json(p.stdout)
     assert r["backend"] == "tensorflow" and r["model"] == "NASRec" and 0 < r["test_auc"] < 1
 
 
@@ -214,7 +187,7 @@ def test_search_scored_by_head_finetuning_in_the_full_space(random_dataset, tmp_
                   "--search_space", "full", "--warmup_fraction", "0.5", "--optimizer", "Adam", "--lr", "0.01",
                   "--noprogress"), tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
-    res = _last_json(p.stdout)
+    res = last_json(p.stdout)
     rows = _check_search_dir(str(out), res, "pytorch")
     assert res["warmup_steps"] == 5 and res["optimizer"] == "Adam" and res["lr"] == 0.01   # explicit flags win
     assert {b["sparse_op"] for r in rows for b in json.loads(r["config"])} <= {"efc", "attention"}

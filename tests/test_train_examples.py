@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, last_json, subprocess_env
 
 from common.train_utils import list_checkpoints, load_weights, read_checkpoint, read_scalars
 
@@ -28,23 +28,9 @@ SMALL = ["--mlp", "16,8", "--embed_size", "4", "--batch_size", "50", "--noprogre
 TIMEOUT = 400
 
 
-def _env(tmp_path) -> dict:
-    env = dict(os.environ)
-    env.update(CTR_ZOO_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
-    for k in ("TF_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
 def run(backend, args, tmp_path, cwd=None):
     return subprocess.run([sys.executable, SCRIPTS[backend], *args], capture_output=True, text=True,
-                          env=_env(tmp_path), timeout=TIMEOUT, cwd=cwd or str(tmp_path))
-
-
-def last_json(stdout: str) -> dict:
-    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
-    assert lines, "no stdout"
-    return json.loads(lines[-1])
+                          env=subprocess_env(tmp_path), timeout=TIMEOUT, cwd=cwd or str(tmp_path))
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "tensorflow"])
