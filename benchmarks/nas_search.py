@@ -45,7 +45,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from common.io import atomic_write_text  # noqa: E402
+from common.io import atomic_write_text, last_json_line  # noqa: E402
 
 SCRIPTS = {"torch": os.path.join(ROOT, "train_example_pytorch.py"),
            "tf": os.path.join(ROOT, "train_example_tensorflow.py")}
@@ -65,10 +65,10 @@ def _env(threads: int) -> dict:
 
 
 def _last_json(text: str) -> dict:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip().startswith("{")]
-    if not lines:
+    res = last_json_line(text)
+    if res is None:
         raise RuntimeError("no JSON result line")
-    return json.loads(lines[-1])
+    return res
 
 
 def search_options(a) -> dict:

@@ -59,6 +59,7 @@ for _p in (ROOT, PEERS_DIR):
 import numpy as np  # noqa: E402
 
 import _bench  # noqa: E402  (benchmarks/peers/_bench.py: the shared timing / memory / AUC code)
+from common.io import last_json_line  # noqa: E402
 
 DEFAULT_MODELS = ("DeepFM", "DCN", "xDeepFM", "AutoInt")
 BACKENDS = ("torch", "tf")
@@ -278,15 +279,10 @@ def ensure_peers_venv(args, log) -> dict:
 def check_peers(venv: str, runners: list[str], env: dict, log) -> dict:
     p = subprocess.run([venv_python(venv), os.path.join(PEERS_DIR, "run_peer.py"), "--check", *runners],
                        capture_output=True, text=True, env=env, timeout=900)
-    out = None
-    # the last JSON line: deepctr's version-check thread may print after it
-    for line in reversed(p.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                out = json.loads(line)
-                break
-            except ValueError:
-                pass
+    try:       # the last JSON line: deepctr's version-check thread may print after it
+        out = last_json_line(p.stdout)
+    except ValueError:
+        out = None
     if out is None:
         out = {r: {"status": "error", "error": (p.stderr or p.stdout)[-2000:]} for r in runners}
     for r, v in out.items():

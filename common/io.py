@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -52,3 +53,11 @@ def atomic_directory(path: str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def last_json_line(text: str):
+    """The last line of ``text`` that starts with ``{``, parsed as JSON (``ValueError`` if it is not
+    JSON), or None when there is no such line -- a child process's result line, whatever other
+    lines (log messages, a library's late warnings) surround it."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip().startswith("{")]
+    return json.loads(lines[-1]) if lines else None
