@@ -328,6 +328,16 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def rerender(path: str, notes: str, markdown) -> None:
+    """``--rerender``: rewrite the Markdown of the JSON report ``path`` (setting its notes first if given)."""
+    with open(path) as fh:
+        rep = json.load(fh)
+    if notes:
+        rep["notes"] = notes
+        atomic_write_text(path, json.dumps(rep, indent=1) + "\n")
+    atomic_write_text(os.path.splitext(path)[0] + ".md", markdown(rep) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke scale: 40k rows, 8 subnets, 40 training steps")
@@ -351,13 +361,7 @@ def main(argv=None):
     ap.add_argument("--result", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.rerender:
-        with open(a.rerender) as fh:
-            rep = json.load(fh)
-        if a.notes:
-            rep["notes"] = a.notes
-            atomic_write_text(a.rerender, json.dumps(rep, indent=1) + "\n")
-        atomic_write_text(os.path.splitext(a.rerender)[0] + ".md", markdown(rep) + "\n")
-        return None
+        return rerender(a.rerender, a.notes, markdown)
     if a._worker == "truth":
         return worker_truth(a)
     if a.quick:

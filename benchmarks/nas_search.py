@@ -232,13 +232,9 @@ def main(argv=None):
     ap.add_argument("--options", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.rerender:
-        with open(a.rerender) as fh:
-            rep = json.load(fh)
-        if a.notes:
-            rep["notes"] = a.notes
-            atomic_write_text(a.rerender, json.dumps(rep, indent=1) + "\n")
-        atomic_write_text(os.path.splitext(a.rerender)[0] + ".md", markdown(rep) + "\n")
-        return None
+        from benchmarks.nas_proxy_study import rerender
+
+        return rerender(a.rerender, a.notes, markdown)
     if a._worker == "search":
         return worker_search(a)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
