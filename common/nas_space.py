@@ -574,6 +574,14 @@ class SupernetLayout:
             r.append((self.M + self.S * self.d, self.M + (self.S + self.m) * self.d))
         return merge_ranges(r)
 
+    def active_head(self, cfg, kernel, bias) -> tuple[np.ndarray, float]:
+        """(rows ``[F]`` of the head ``kernel`` [in, 1] that subnet ``cfg`` uses, bias as a float); numpy
+        in, numpy out (the backends' ``active_head`` convert their weights)."""
+        last = cfg.blocks[-1]
+        rows = self.head_ranges(last.dense_width, last.sparse_width, last.dense_to_sparse)
+        kernel = np.asarray(kernel)
+        return np.concatenate([kernel[a:b, 0] for a, b in rows]), float(np.asarray(bias).reshape(-1)[0])
+
 
 def supernet_block_sizes(layout: SupernetLayout, i: int) -> dict:
     """Op sizes of supernet block ``i`` (every op at the maximum widths)."""

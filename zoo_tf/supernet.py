@@ -185,9 +185,4 @@ def head_inputs(net: SuperNet, batch, cfg: SubnetConfig):
 
 def active_head(net: SuperNet, cfg: SubnetConfig):
     """(kernel rows ``[F]`` as numpy, bias float) of the final linear layer that ``cfg`` uses."""
-    import numpy as np
-
-    last = cfg.blocks[-1]
-    rows = net.layout.head_ranges(last.dense_width, last.sparse_width, last.dense_to_sparse)
-    k = net.head.kernel.numpy()
-    return np.concatenate([k[a:b, 0] for a, b in rows]), float(net.head.bias.numpy()[0])
+    return net.layout.active_head(cfg, net.head.kernel.numpy(), net.head.bias.numpy())
