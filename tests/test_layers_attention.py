@@ -295,3 +295,46 @@ def test_autoint_variants(random_dataset):
         assert any(k.startswith("dnn.") for k in plus)
         assert not any(k.startswith("linear.") for k in plain)   # no first-order term (see models/autoint.py)
         assert set(plain) <= set(plus)
+
+
+# ---- zoo_torch's hand-written self-attention backward (_SelfAttention) -----------------------------
+@pytest.mark.parametrize("res", [True, False])
+def test_self_attention_function_gradcheck(res):
+    from zoo_torch.layers.attention import _SelfAttention
+    g = torch.Generator().manual_seed(1)
+    heads, head_dim, in_dim = 2, 3, 5
+    e = torch.randn(4, 6, in_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    kernels = [(0.5 * torch.randn(in_dim, heads * head_dim, generator=g, dtype=torch.float64)).requires_grad_()
+               for _ in range(4 if res else 3)]
+    assert torch.autograd.gradcheck(lambda e, *k: _SelfAttention.apply(e, heads, *k), [e, *kernels])
+
+
+@pytest.mark.parametrize("res", [True, False])
+def test_self_attention_training_path_equals_plain_formula(res):
+    """The layer (hand-written backward) = the plain formula under autograd, values and gradients;
+    a traced export records the plain ops, not the Python function."""
+    torch.manual_seed(0)
+    layer = TorchSelfAttention(5, 4, 2, res).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    e = torch.randn(7, 6, 5, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+    y = layer(e)
+    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                [e, *params])
+
+    def plain(e):
+        f = e.shape[1]
+        q, k, v = (layer.split_heads(e @ w, f) for w in (layer.query, layer.key, layer.value))
+        out = (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2).reshape(-1, f, layer.out_dim)
+        return torch.relu(out + e @ layer.residual if res else out)
+
+    ref = plain(e)
+    ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum(),
+                                    [e, *params])
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    traced = torch.jit.trace(layer, (e.detach(),))
+    torch.testing.assert_close(traced(e.detach()), ref.detach())
+    assert not any(n.kind() == "prim::PythonOp" for n in traced.graph.nodes())

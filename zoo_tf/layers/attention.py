@@ -4,6 +4,9 @@ Mirror of ``zoo_torch/layers/attention.py`` (see there for the equations):
 
     AFM:      y = p^T Dropout( sum_{i<j} softmax_{(i,j)}( h^T ReLU(W (e_i (.) e_j) + b) ) (e_i (.) e_j) )
     AutoInt:  e_m^Res = ReLU( [ sum_k softmax_k <W_Q^h e_m, W_K^h e_k> W_V^h e_k ]_{h=1..H} + W_Res e_m )
+
+zoo_torch runs AutoInt's layer through a hand-written backward (``_SelfAttention``: head-major Q/K/V
+buffers, no head transposes); here TensorFlow differentiates the formula itself.
 """
 from __future__ import annotations
 
