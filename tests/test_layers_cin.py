@@ -1,4 +1,5 @@
-"""CIN (xDeepFM): the training path's hand-written backward (``_CINMap``) against autograd."""
+"""CIN (xDeepFM): the chunked layer maps with hand-written gradients (zoo_torch ``_CINMap``, zoo_tf
+``_cin_map``) against the plain formula differentiated by autograd, in one chunk and in many."""
 from __future__ import annotations
 
 import pytest
@@ -65,6 +66,52 @@ def test_cin_training_path_equals_plain_formula(split_half, chunking):
 
     ref = plain(e)
     g_ref = torch.autograd.grad(ref.square().sum(), [e, *cin.parameters()])
+    assert tuple(cin(torch.zeros(0, 5, 3, dtype=torch.float64)).shape) == (0, cin.out_dim)
     torch.testing.assert_close(fast, ref)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b)
+
+
+# ---- zoo_tf: _cin_map (tf.custom_gradient over a while_loop of row chunks) ---------------------------
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 4 * 5 * 4])        # default: one chunk; 3-row chunks
+@pytest.mark.parametrize("split_half", [True, False])
+def test_tf_cin_equals_plain_formula_with_gradients(monkeypatch, chunk_bytes, split_half):
+    import numpy as np
+    import tensorflow as tf
+
+    import zoo_tf.layers.cin as tf_cin
+
+    if chunk_bytes:
+        monkeypatch.setattr(tf_cin, "CHUNK_BYTES", chunk_bytes)
+        assert tf_cin._chunk_rows(4, 5) == 3
+    cin = tf_cin.CIN(5, (6, 4, 3), split_half=split_half)
+    rng = np.random.default_rng(0)
+    for v in cin.trainable_variables:
+        v.assign(rng.normal(0, 0.3, v.shape).astype(np.float32))
+    e = tf.constant(rng.normal(0, 1, (8, 5, 3)).astype(np.float32))     # N = 24 rows
+
+    def plain(e):
+        x0 = tf.transpose(e, [0, 2, 1])
+        x, pooled = x0, []
+        for k, layer in enumerate(cin.layers):
+            z = x[:, :, :, None] * x0[:, :, None, :]
+            xk = layer(tf.reshape(z, [-1, z.shape[1], z.shape[2] * z.shape[3]]))
+            pooled.append(tf.reduce_sum(xk[..., cin.pool_from[k]:], 1))
+            x = xk[..., :cin.next_maps[k]]
+        return tf.concat(pooled, -1)
+
+    def value_and_grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(e)
+            y = fn(e)
+            loss = tf.reduce_sum(tf.square(y))
+        return y, tape.gradient(loss, [e, *cin.trainable_variables])
+
+    for run in (lambda f: f, tf.function):                 # eager and traced
+        y, grads = value_and_grads(run(cin.__call__))
+        y_ref, grads_ref = value_and_grads(plain)
+        np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, grads_ref):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    empty = cin(tf.zeros([0, 5, 3]))
+    assert tuple(empty.shape) == (0, cin.out_dim)
