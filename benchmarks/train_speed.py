@@ -462,7 +462,7 @@ def child_main(spec_path: str, result_path: str) -> int:
 # orchestration
 # The process settings our entry points apply (common.runtime.configure_process), as environment
 # variables so that a peer's process can get exactly the same: OpenMP threads sleep when idle, and
-# glibc malloc serves blocks up to 1 GiB from its (reused) heap instead of fresh mmaps.
+# glibc malloc serves blocks up to 256 MiB from its (reused) heap instead of fresh mmaps.
 # A TensorFlow process gets only the OpenMP setting, as train_example_tensorflow.py does.
 def tuning_env(tuned: bool, framework: str = "torch") -> dict:
     from common.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, TUNE_ENV

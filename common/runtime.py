@@ -18,9 +18,9 @@
    batch 4096, ``benchmarks/train_speed.py``): AutoInt 2.2k -> 5.0k rows/s, DeepFM / DCN
    7-10 % faster.  The price: freed blocks stay in the process (the heap is not returned to
    the system until it ends), so the peak resident memory grows -- AutoInt 1.9 -> 2.7 GB.
-   Blocks above 256 MiB (xDeepFM's [B*D, H*m] outer products) still get their own mmap: on
-   the heap they fragment it (peak 10.7 GB instead of 3.4 GB at a 1 GiB threshold) and
-   gain nothing.
+   Blocks above 256 MiB still get their own mmap: xDeepFM's 1 GB [B*D, H*m] outer products
+   (before the CIN was computed in chunks) fragmented the heap at a 1 GiB threshold (peak
+   10.7 GB instead of 3.4 GB) and gained nothing.
 
 Both only affect the current process (and its children, for the environment variable).
 On a non-glibc system the malloc part is a no-op.
