@@ -301,6 +301,8 @@ def model_config(name: str, args) -> dict:
     over = {"embed_size": args.embed_size, "seed": args.seed}
     if "mlp" in fields and entry.name != "AutoInt":
         over["mlp"] = tuple(args.mlp)
+    if "attention_dim" in fields and args.attention_dim:
+        over["attention_dim"] = args.attention_dim
     return config_to_dict(make_config(entry.name, **over))
 
 
@@ -599,6 +601,10 @@ def parse_args(argv=None):
     ap.add_argument("--batch_size", type=int, default=None, help="default 4096 (cpu), 8192 (cuda)")
     ap.add_argument("--embed_size", type=int, default=16)
     ap.add_argument("--mlp", default="400,400,400", help="hidden sizes of DeepFM/DCN/xDeepFM (default: %(default)s)")
+    ap.add_argument("--attention_dim", type=int, default=None,
+                    help="AutoInt: size of each attention head for every runner (default: the model's, 32).  "
+                         "deepctr-torch has no such knob (its heads split the embedding: embed_size / heads "
+                         "each), so --attention_dim 8 with embedding 16 and 2 heads is everyone doing its work")
     ap.add_argument("--optimizer", default="LazyAdam", help="our optimiser (peers: their Adam)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -686,7 +692,8 @@ def main(argv=None) -> int:
 
     settings = dict(models=models, backends=args.backends, peers=args.peers, rows=args.rows,
                     valid_rows=args.valid_rows, fields=args.fields, vocab=args.vocab, batch_size=args.batch_size,
-                    embed_size=args.embed_size, mlp=args.mlp, optimizer=args.optimizer, peer_optimizer="Adam",
+                    embed_size=args.embed_size, mlp=args.mlp, attention_dim=args.attention_dim,
+                    optimizer=args.optimizer, peer_optimizer="Adam",
                     lr=args.lr, device=args.device, threads=args.threads, inter_op_threads=args.inter_op_threads,
                     warmup=args.warmup, window=args.window, windows=args.windows, seed=args.seed, quick=args.quick,
                     process_tuning=args.process_tuning,
@@ -828,6 +835,8 @@ def markdown_table(report: dict) -> str:
             status = f"{status}: {str(r.get('error', ''))[:160]}".replace("|", "/").replace("\n", " ")
         elif r.get("incomplete"):
             status = "ok (" + r["incomplete"] + ")"
+        if r.get("config_note"):
+            status += f" -- {r['config_note']}"
         rng = (f"{_fmt(r.get('rows_per_s_min'))}-{_fmt(r.get('rows_per_s_max'))}"
                if r.get("rows_per_s_min") is not None else "-")
         lines.append(
@@ -857,7 +866,8 @@ def markdown(report: dict) -> str:
             f"{d['splits'].get('train'):,} train / {d['splits'].get('valid'):,} valid rows"
             + (f"; Bayes-optimal valid AUC {d['bayes_auc'].get('valid'):.4f}" if d.get("bayes_auc", {}).get("valid")
                else ""),
-            f"- Config: batch {s['batch_size']}, embedding {s['embed_size']}, MLP {s['mlp']} (AutoInt: attention only), "
+            f"- Config: batch {s['batch_size']}, embedding {s['embed_size']}, MLP {s['mlp']} (AutoInt: attention only, "
+            f"head size {s.get('attention_dim') or 'default (32)'}), "
             f"lr {s['lr']}, ours {s['optimizer']} / peers Adam, no L2, no dropout, device {s['device']}",
             f"- Threads: {s['threads']} intra-op, {s['inter_op_threads']} inter-op for every runner",
             "- Process settings (`--process_tuning " + str(s.get("process_tuning", "none")) + "`): "

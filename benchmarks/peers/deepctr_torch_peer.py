@@ -70,6 +70,10 @@ def run(spec: dict) -> dict:
         g["lr"] = float(spec["lr"])
     res["params"] = tc.num_params(model)
     res["rss_after_build_mb"] = _bench.current_rss_mb()
+    width = int(spec["num_heads"]) * int(spec["attention_dim"])
+    if spec["model"] == "AutoInt" and width != int(spec["embed_size"]):
+        res["config_note"] = (f"attention width {spec['embed_size']} (its heads split the embedding; "
+                              f"the others use {spec['num_heads']} x {spec['attention_dim']} = {width})")
 
     X = torch.from_numpy(cat)          # fit: torch.from_numpy(np.concatenate(x, axis=-1))
     Y = torch.from_numpy(label)
