@@ -850,6 +850,9 @@ def markdown_table(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     s, m, d = report["settings"], report["machine"], report["dataset"]
+    recorded = s.get("process_tuning_env") or {}
+    tuned_envs = "; ".join(f"{name} processes: " + ", ".join(f"{k}={v}" for k, v in (recorded.get(fw) or {}).items())
+                           for name, fw in (("PyTorch", "torch"), ("TensorFlow", "tensorflow")))
     out = ["# Training speed (benchmarks/train_speed.py)", ""]
     if report.get("note"):
         out += [report["note"], ""]
@@ -872,9 +875,7 @@ def markdown(report: dict) -> str:
             f"- Threads: {s['threads']} intra-op, {s['inter_op_threads']} inter-op for every runner",
             "- Process settings (`--process_tuning " + str(s.get("process_tuning", "none")) + "`): "
             + {"all": "every runner, peers included, runs with our entry points' settings "
-                      "(common/runtime.py; PyTorch processes: " + ", ".join(
-                          f"{k}={v}" for k, v in ((s.get("process_tuning_env") or {}).get("torch") or {}).items())
-                      + "; TensorFlow processes: OMP_WAIT_POLICY=PASSIVE only)",
+                      f"(common/runtime.py; {tuned_envs})",
                "ours": "only our runs get our entry points' settings (common/runtime.py); peers run with "
                        "the system defaults",
                "none": "nobody gets them (system defaults)"}.get(s.get("process_tuning", "none"), "?"),

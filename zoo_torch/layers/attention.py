@@ -20,9 +20,9 @@ heads h = 1..H with d' = ``head_dim``; head h uses columns [h d', (h+1) d') of e
     e_m^Res       = ReLU( e~_m + W_Res e_m )                      (ReLU(e~_m) with use_residual=False)
 
 The kernels ``query``, ``key``, ``value``, ``residual`` are [in_dim, H d'] (no biases, as in
-the paper).  Training and evaluation run ``_SelfAttention`` (one projection GEMM, per-head batched
-matmuls on column blocks, hand-written backward); a traced export runs the same formula as plain
-ops over [B, H, F, d'].
+the paper).  Training and evaluation run ``_SelfAttention`` (Q, K, V projected head by head into a
+head-major buffer, per-head batched matmuls, hand-written backward); a traced export runs the same
+formula as plain ops over [B, H, F, d'].
 """
 from __future__ import annotations
 

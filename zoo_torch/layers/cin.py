@@ -102,7 +102,6 @@ class _CINMap(torch.autograd.Function):
             else:
                 torch.mm(zc.view(e - s, -1), kernel, out=out[s:e])
         ctx.save_for_backward(x, x0, kernel)
-        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
@@ -132,5 +131,5 @@ class _CINMap(torch.autograd.Function):
                     torch.bmm(gzc, x0[s:e].unsqueeze(2), out=gx[s:e].unsqueeze(2))
                 if need_x0:
                     torch.bmm(x[s:e].unsqueeze(1), gzc, out=gx0[s:e].unsqueeze(1))
-        gb = gy.sum(0) if need_b and ctx.has_bias else None
+        gb = gy.sum(0) if need_b else None                          # need_b is False for bias=None
         return gx, gx0, gk, gb
