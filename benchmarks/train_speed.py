@@ -320,7 +320,7 @@ def run_spec(args, model: str, cfg: dict, data_dir: str, npy_dir: str | None, vo
 # ==============================================================================================
 # our child runs (``--child SPEC RESULT``): imports torch or tensorflow, never both
 def _ours_torch(spec: dict) -> dict:
-    from common.runtime import configure_process
+    from common.runtime import configure_process, evaluation_memory
 
     tuning = configure_process()           # what train_example_pytorch.py does first
     import torch
@@ -380,7 +380,7 @@ def _ours_torch(spec: dict) -> dict:
 
     model.eval()
     probs, labels = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), evaluation_memory():      # as our evaluation loops (common/runtime.py)
         for b in zdata.batches(data_dir, "valid", batch_size=B, shuffle=False):
             labels.append(b["label"].numpy())
             if on_gpu:

@@ -177,22 +177,41 @@ def row_plan(cat: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def sort_runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(uniq, order, starts)`` of a 1-D integer array: ``order`` sorts it (numpy's introsort), ``uniq``
-    are its distinct values ascending, ``starts[k]`` is where the run of ``uniq[k]`` begins in
-    ``flat[order]``.  Shared by :func:`row_plan` and zoo_torch's optimiser (sparse-gradient dedup)."""
-    if flat.size == 0:
+    """``(uniq, order, starts)`` of a 1-D integer array: ``order`` is its stable sort (equal values keep
+    their positions' order), ``uniq`` are its distinct values ascending, ``starts[k]`` is where the run
+    of ``uniq[k]`` begins in ``flat[order]``.  Shared by :func:`row_plan` and zoo_torch's optimiser
+    (sparse-gradient dedup).
+
+    When value range and positions fit 63 bits together (table rows always do), each element is
+    packed as ``(value - min) << bits | position`` and the int64 keys are sorted by value with
+    numpy's vectorised sort (about twice as fast as ``argsort`` here); both halves are unpacked
+    from the sorted keys.  Otherwise ``argsort(kind="stable")`` gives the same result.
+    """
+    n = flat.size
+    if n == 0:
         z = np.zeros(0, np.int64)
         return z, z, z
-    keys = flat
-    if flat.dtype.itemsize > 4 and -2 ** 31 <= flat.min() and flat.max() < 2 ** 31:
-        keys = flat.astype(np.int32)            # table rows fit 32 bits: numpy sorts these ~25 % faster
-    order = np.argsort(keys)
-    srt = flat[order]
-    flag = np.empty(flat.size, dtype=bool)
+    lo, hi = int(flat.min()), int(flat.max())
+    bits = max(1, (n - 1).bit_length())
+    if (hi - lo) >> (63 - bits) == 0:
+        keys = np.subtract(flat, lo, dtype=np.int64)
+        keys <<= bits
+        keys |= np.arange(n, dtype=np.int64)
+        keys.sort()
+        order = keys & ((1 << bits) - 1)
+        keys >>= bits                      # the sorted values, minus lo
+        srt = keys
+    else:
+        order = np.argsort(flat, kind="stable")
+        srt, lo = flat[order], 0
+    flag = np.empty(n, dtype=bool)
     flag[0] = True
     np.not_equal(srt[1:], srt[:-1], out=flag[1:])
     starts = np.flatnonzero(flag)
-    return srt[starts], order, starts
+    uniq = srt[starts]
+    if lo:
+        uniq += lo
+    return uniq.astype(flat.dtype, copy=False), order, starts
 
 
 def segment_ids(starts: np.ndarray, n: int) -> np.ndarray:

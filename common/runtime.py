@@ -24,21 +24,40 @@
 
 Both only affect the current process (and its children, for the environment variable).
 On a non-glibc system the malloc part is a no-op.
+
+Separately, zoo_torch puts every table of at least ``HUGE_PAGE_MIN_BYTES`` (embedding tables and
+their optimiser slots) on 2 MiB transparent huge pages before first writing it
+(:func:`advise_huge_pages`, Linux; also switched off by ``CTR_ZOO_PROCESS_TUNING=0``).  A
+training step gathers and scatters tens of thousands of random rows of each table; with 4 KiB
+pages nearly every row is a TLB miss as well as a cache miss.  Measured on the benchmark machine
+(3.9M x 16 float32 tables, 44k distinct rows per step): the optimiser's gather + scatter of p, m,
+v 3.1 -> 2.1 ms, the forward lookup of 160k rows 2.1 -> 1.0 ms; the whole DeepFM step 1-2 %.
+TensorFlow allocates its variables itself and replaces the buffer at the first update; collapsing
+them into huge pages after that (``collapse=True``) measured no gain, so zoo_tf does not.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import sys
 
 TUNE_ENV = "CTR_ZOO_PROCESS_TUNING"
 MMAP_THRESHOLD = 1 << 28        # allocations up to 256 MiB come from the heap
+EVAL_MMAP_THRESHOLD = 4 << 20   # ... but in evaluation (evaluation_memory) those from 4 MiB up get an mmap
 TRIM_THRESHOLD = 2 ** 31 - 1    # (mallopt's largest int) never give the heap top back mid-run
 # glibc mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
+HUGE_PAGE_MIN_BYTES = 32 << 20  # tables from 32 MiB up get transparent huge pages
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_MADV_COLLAPSE = 25             # Linux >= 6.1: make already-populated pages huge now
+
 _applied: dict | None = None
+_madvise = None
 
 
 def _enabled() -> bool:
@@ -72,6 +91,33 @@ def tune_malloc() -> dict:
     return dict(_applied)
 
 
+@contextlib.contextmanager
+def evaluation_memory():
+    """Context for an evaluation pass in a process that :func:`tune_malloc` tuned (else a no-op).
+
+    The heap keeps what training freed, in holes shaped by the training step's blocks.  Evaluation
+    allocates differently sized blocks that do not fit those holes, so without this the heap --
+    and the process's peak resident memory -- grew by another 15-30 % during evaluation
+    (PyTorch AutoInt on the benchmark data: 2.4 GB after training, 2.8-3.2 GB after evaluation).
+    On entry the heap's free pages go back to the system (``malloc_trim(0)``) and blocks from
+    ``EVAL_MMAP_THRESHOLD`` up get their own mmap again (freed whole on ``free``); on exit the
+    training thresholds are restored.  Evaluation is forward-only, so the extra page faults
+    cost little.
+    """
+    tuned = _applied is not None and _applied.get("malloc") == "glibc"
+    if tuned:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim(0)
+        libc.mallopt(_M_MMAP_THRESHOLD, EVAL_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if tuned:
+            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def configure_process(malloc: bool = True) -> dict:
     """``OMP_WAIT_POLICY=PASSIVE`` (unless set) and, with ``malloc``, :func:`tune_malloc`; returns what
     was applied.  The TensorFlow entry point passes ``malloc=False``: TensorFlow gains nothing from it
@@ -81,3 +127,42 @@ def configure_process(malloc: bool = True) -> dict:
     out = tune_malloc() if malloc else {"malloc": "default", "reason": "not requested"}
     out["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     return out
+
+
+def _libc_madvise():
+    global _madvise
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    return _madvise
+
+
+def advise_huge_pages(address: int, nbytes: int, collapse: bool = False) -> bool:
+    """Ask Linux to back ``[address, address + nbytes)`` with transparent huge pages.
+
+    Only the whole 2 MiB pages inside the range are advised (``MADV_HUGEPAGE``), so neighbouring
+    allocations are untouched.  Call it before the memory is first written: its page faults then
+    map huge pages.  ``collapse=True`` also converts pages that are already there (``MADV_COLLAPSE``,
+    Linux >= 6.1; for memory the caller did not allocate itself).  Returns whether the kernel
+    accepted the advice; False (and nothing done) below ``HUGE_PAGE_MIN_BYTES``, with
+    ``CTR_ZOO_PROCESS_TUNING=0``, off Linux, or when transparent huge pages are disabled.
+    """
+    if nbytes < HUGE_PAGE_MIN_BYTES or not _enabled() or not sys.platform.startswith("linux"):
+        return False
+    madvise = _libc_madvise()
+    if not madvise:
+        return False
+    lo = (int(address) + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    hi = (int(address) + int(nbytes)) & ~(_HUGE_PAGE - 1)
+    if hi <= lo:
+        return False
+    ok = madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0
+    if ok and collapse:
+        ok = madvise(lo, hi - lo, _MADV_COLLAPSE) == 0
+    return ok

@@ -54,6 +54,26 @@ def test_row_plan_is_a_sort_with_runs(seed):
     np.testing.assert_allclose(sums, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["rows", "negative", "int32", "one", "huge_range", "all_equal"])
+def test_sort_runs_is_the_stable_sort(case):
+    """Packed-key sort and the argsort fallback (values too far apart to pack) give the stable sort."""
+    from common.batching import sort_runs
+
+    rng = np.random.default_rng(7)
+    flat = {"rows": rng.integers(0, 3_900_000, 5000),
+            "negative": rng.integers(-40, 40, 3001),
+            "int32": rng.integers(5, 90, 777).astype(np.int32),
+            "one": np.array([12345678901], np.int64),
+            "huge_range": np.array([2 ** 62, -2 ** 62, 5, 5, 2 ** 62, 0, -2 ** 62, 5], np.int64),
+            "all_equal": np.full(100, 3, np.int64)}[case]
+    uniq, order, starts = sort_runs(flat)
+    np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
+    np.testing.assert_array_equal(uniq, np.unique(flat))
+    assert uniq.dtype == flat.dtype and order.dtype == starts.dtype == np.int64
+    np.testing.assert_array_equal(flat[order][starts], uniq)
+    assert starts[0] == 0 and np.all(np.diff(starts) > 0) and starts.size == uniq.size
+
+
 def test_row_plan_of_an_empty_batch():
     rows, uniq, order, starts = row_plan(np.zeros((0, 3), np.int32), np.arange(3, dtype=np.int64))
     assert rows.shape == (0, 3) and uniq.size == order.size == starts.size == 0
@@ -101,11 +121,11 @@ def test_torch_step_with_plan_equals_step_without(cat_dataset, optimizer, monkey
         opt = zopt.build_optimizer(model, zopt.make_optimizer_config(optimizer, 0.05))
         step = TrainStep(model, opt, get_loss("BCE"))
         sorts = []
-        real_argsort = np.argsort
-        monkeypatch.setattr(np, "argsort", lambda a, *k, **kw: sorts.append(1) or real_argsort(a, *k, **kw))
+        real_sort = zopt.sort_runs
+        monkeypatch.setattr(zopt, "sort_runs", lambda a: sorts.append(1) or real_sort(a))
         for b in batches:
             step(b if use_plan else dict(b))           # a plain dict copy has no plan
-        monkeypatch.setattr(np, "argsort", real_argsort)
+        monkeypatch.setattr(zopt, "sort_runs", real_sort)
         weights.append(({n: p.detach().clone() for n, p in model.named_parameters()}, len(sorts)))
     (with_plan, sorts_plan), (without, sorts_none) = weights
     assert sorts_plan == 0 and sorts_none == len(batches)     # once per step (tables share the sort)
@@ -175,3 +195,67 @@ def test_configure_process_sets_malloc_and_omp():
     assert kept["env"] == "ACTIVE"
     tf_like = _run_python(code.replace("configure_process()", "configure_process(malloc=False)"), {})
     assert tf_like["malloc"] == "default" and tf_like["env"] == "PASSIVE"
+
+
+_EVAL_MEMORY_CODE = """
+import json
+from common.runtime import configure_process, evaluation_memory
+configure_process()
+import numpy as np
+
+def rss_mb():
+    with open('/proc/self/status') as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith('VmRSS')) / 1024
+
+def returned_on_free():
+    a = np.ones((64 << 20) // 8)          # 64 MiB, written
+    before = rss_mb()
+    del a
+    return before - rss_mb()
+
+out = {'train': returned_on_free()}
+with evaluation_memory():
+    out['eval'] = returned_on_free()
+out['after'] = returned_on_free()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not sys.platform.startswith("linux"),
+                    reason="glibc malloc tuning and /proc only exist on Linux with glibc")
+def test_evaluation_memory_gives_large_blocks_back_and_restores_training_thresholds():
+    """Training keeps a freed 64 MiB block in the heap (reused next step); inside evaluation_memory the
+    same block is its own mapping and goes back to the system on free; afterwards training's rule holds."""
+    r = _run_python(_EVAL_MEMORY_CODE, {})
+    assert r["train"] < 8 and r["after"] < 8, r
+    assert r["eval"] > 56, r
+
+
+def test_full_table_advises_huge_pages_for_large_tables_only(monkeypatch):
+    import torch
+
+    import zoo_torch.layers.base as base
+    from common.runtime import HUGE_PAGE_MIN_BYTES, advise_huge_pages
+
+    calls = []
+    monkeypatch.setattr(base, "advise_huge_pages", lambda a, n: calls.append((a, n)) or advise_huge_pages(a, n))
+    big = base.full_table((HUGE_PAGE_MIN_BYTES // 4 // 8 + 1, 8), 0.5)
+    small = base.full_table((10, 3), -1.0)
+    assert torch.all(big == 0.5) and torch.all(small == -1.0) and big.dtype == torch.float32
+    assert calls == [(big.data_ptr(), big.numel() * 4), (small.data_ptr(), 120)]
+    # below the threshold nothing is advised; a big range is accepted where the kernel offers THP
+    assert advise_huge_pages(small.data_ptr(), 120) is False
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(thp) and "[never]" not in open(thp).read():
+        assert advise_huge_pages(big.data_ptr(), big.numel() * 4) is True
+    # the optimiser's slots of a large table are made the same way
+    import zoo_torch.optim as zopt
+
+    monkeypatch.setattr(zopt, "full_table", lambda shape, value, like: calls.append(("slot", value)) or
+                        base.full_table(shape, value, like))
+    p = torch.nn.Parameter(torch.zeros(4, 2))
+    m = torch.nn.Module()
+    m.w = p
+    n = len(calls)
+    zopt.build_optimizer(m, zopt.make_optimizer_config("Adagrad", 0.1))
+    assert calls[n:] == [("slot", 0.0), (calls[n + 1][0], 32)]      # Adagrad's accumulator, 4 x 2 floats

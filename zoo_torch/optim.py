@@ -28,6 +28,7 @@ from torch import nn
 from common.batching import sort_runs
 from common.optim import OptimizerConfig, as_config, make_optimizer_config  # noqa: F401  (re-export)
 from common.optim import state_from_arrays, state_to_arrays
+from zoo_torch.layers.base import full_table
 
 
 # The sort of the last looked-up categorical rows, computed by the loader (common.batching.row_plan) and
@@ -60,8 +61,7 @@ class Optimizer:
         self.lazy_rows = {n: self.cfg.lazy and bool(getattr(p, "zoo_sparse", False)) for n, p in self.params}
         slots = self.cfg.slot_names()
         self.state: dict[str, dict[str, torch.Tensor]] = {
-            n: {s: torch.full_like(p, self.cfg.slot_init(s), memory_format=torch.contiguous_format)
-                for s in slots}
+            n: {s: full_table(p.shape, self.cfg.slot_init(s), like=p) for s in slots}
             for n, p in self.params}
         self._fused = self.cfg.base == "Adam" and hasattr(torch, "_fused_adam_")
         self._step_t = torch.zeros((), dtype=torch.float32)
@@ -158,7 +158,7 @@ class Optimizer:
         if known is not None:
             _, uniq, order, starts = self._dedup_cache = known
         else:
-            if idx.device.type == "cpu":         # numpy's introsort is several times faster here
+            if idx.device.type == "cpu":         # numpy's vectorised sort is several times faster here
                 uniq, order, starts = (torch.from_numpy(a) for a in sort_runs(idx.numpy()))
             else:
                 srt, order = torch.sort(idx)
@@ -228,7 +228,7 @@ class Optimizer:
             # over the whole table, then the rows are zeroed again (no 0-fill of the table per step)
             buf = self._dense_grad.get(id(p))
             if buf is None:
-                buf = self._dense_grad[id(p)] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                buf = self._dense_grad[id(p)] = full_table(p.shape, 0.0, like=p)
             buf.index_copy_(0, idx, g)
             if not self._fused_adam([p], [buf], [m], [v]):
                 m.lerp_(buf, 1.0 - c.beta1)

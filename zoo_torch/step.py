@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.runtime import evaluation_memory
 from zoo_torch.optim import unwrap
 
 
@@ -48,13 +49,14 @@ class TrainStep:
 def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
     """``(probs, labels)`` float32 numpy arrays over ``batches``, in eval mode and without gradients.
 
-    The model's previous train/eval mode is restored afterwards.
+    The model's previous train/eval mode is restored afterwards.  Runs under
+    :func:`common.runtime.evaluation_memory` (the heap does not grow around training's freed blocks).
     """
     was_training = model.training
     model.eval()
     probs, labels = [], []
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluation_memory():
             for b in batches:
                 probs.append(torch.sigmoid(model(b)).numpy())
                 labels.append(b["label"].numpy())

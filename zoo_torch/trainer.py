@@ -35,6 +35,7 @@ from common.batching import num_batches, open_dataset
 from common.errors import FlagError, cli_errors
 from common.flags import check_gpu_ids
 from common.metrics import auc, logloss
+from common.runtime import evaluation_memory
 from common.optim import make_optimizer_config
 from common.train_utils import Backend, TrainArgs, result_line, run_training, split_prefix
 from zoo_torch.data import batches
@@ -241,7 +242,7 @@ class TorchBackend(Backend):
         model.eval()
         probs, labels = [], []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), evaluation_memory():
                 for b in self._eval_loader(split):
                     labels.append(b["label"].numpy())
                     probs.append(torch.sigmoid(model(self._to_device(b))).float().cpu().numpy())

@@ -22,6 +22,14 @@ class FMInteraction(Module):
         s = tf.reduce_sum(e, 1)
         return 0.5 * (s * s - tf.reduce_sum(e * e, 1))
 
+    def share(self, e):
+        """``(FM term [B], e)`` for a model whose other parts read the same ``e`` (DeepFM's DNN).
+
+        zoo_torch folds the FM gradient into the DNN's here (fewer passes over [B, F, d]).  TensorFlow
+        without XLA runs the same element-wise ops either way, so this is ``(self(e), e)``.
+        """
+        return self(e), e
+
 
 @tf.custom_gradient
 def _fm_sum(e):

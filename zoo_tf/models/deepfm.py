@@ -23,5 +23,6 @@ class DeepFM(CTRModel):
 
     def __call__(self, batch, training=False):
         e = self.embedding(batch)
+        y_fm, e = self.fm.share(e)            # the DNN reads the same e
         flat = tf.reshape(e, [-1, e.shape[1] * e.shape[2]])
-        return self.linear(batch) + self.fm(e) + tf.squeeze(self.dnn(flat, training=training), -1)
+        return self.linear(batch) + y_fm + tf.squeeze(self.dnn(flat, training=training), -1)

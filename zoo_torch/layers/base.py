@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.runtime import advise_huge_pages
+
 ACTIVATIONS = {
     "relu": torch.relu,
     "sigmoid": torch.sigmoid,
@@ -29,12 +31,25 @@ def activation(name: str):
         raise ValueError(f"unknown activation {name!r}; available: {', '.join(ACTIVATIONS)}") from None
 
 
+def full_table(shape, value: float = 0.0, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.full(shape, value)`` (torch's default dtype on the CPU, or ``like``'s dtype and device).  On the CPU a tensor of
+    ``common.runtime.HUGE_PAGE_MIN_BYTES`` or more (an embedding table, its optimiser slots) gets
+    transparent huge pages before it is first written: its random row gathers and scatters then
+    miss the TLB far less often."""
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    device = like.device if like is not None else torch.device("cpu")
+    t = torch.empty(tuple(int(s) for s in shape), dtype=dtype, device=device)
+    if device.type == "cpu":
+        advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
+    return t.fill_(value)
+
+
 class Module(nn.Module):
     """nn.Module whose parameters carry an initialiser spec and a regularisation flag."""
 
     def add_param(self, name: str, shape, init: str = "glorot_uniform", regularize: bool = True,
                   sparse: bool = False) -> nn.Parameter:
-        p = nn.Parameter(torch.zeros(*[int(s) for s in shape]))
+        p = nn.Parameter(full_table(shape))
         p.zoo_init = init
         p.zoo_regularize = regularize
         p.zoo_sparse = sparse

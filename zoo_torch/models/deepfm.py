@@ -21,4 +21,5 @@ class DeepFM(CTRModel):
 
     def forward(self, batch):
         e = self.embedding(batch)
-        return self.linear(batch) + self.fm(e) + self.dnn(e.flatten(1)).squeeze(-1)
+        y_fm, e = self.fm.share(e)            # the DNN reads the same e (FM gradient folded into its own)
+        return self.linear(batch) + y_fm + self.dnn(e.flatten(1)).squeeze(-1)
