@@ -309,6 +309,32 @@ def test_self_attention_function_gradcheck(res):
     assert torch.autograd.gradcheck(lambda e, *k: _SelfAttention.apply(e, heads, *k), [e, *kernels])
 
 
+@pytest.mark.parametrize("needs", ["only_e", "only_key", "kernels_not_e", "value_and_residual"])
+def test_self_attention_backward_with_some_inputs_frozen(needs):
+    """Only the requested gradients are computed, and they equal those with everything trainable."""
+    from zoo_torch.layers.attention import _SelfAttention
+    g = torch.Generator().manual_seed(3)
+    heads, head_dim, in_dim = 2, 3, 4
+    e0 = torch.randn(5, 6, in_dim, generator=g, dtype=torch.float64)
+    k0 = [0.5 * torch.randn(in_dim, heads * head_dim, generator=g, dtype=torch.float64) for _ in range(4)]
+    w = torch.randn(5, 6, heads * head_dim, generator=g, dtype=torch.float64)
+
+    def run(flags):
+        e = e0.clone().requires_grad_(flags[0])
+        ks = [k.clone().requires_grad_(f) for k, f in zip(k0, flags[1:])]
+        (_SelfAttention.apply(e, heads, *ks) * w).sum().backward()
+        return [x.grad for x in (e, *ks)]
+
+    flags = {"only_e": [1, 0, 0, 0, 0], "only_key": [0, 0, 1, 0, 0], "kernels_not_e": [0, 1, 1, 1, 1],
+             "value_and_residual": [0, 0, 0, 1, 1]}[needs]
+    got, full = run([bool(f) for f in flags]), run([True] * 5)
+    for f, a, b in zip(flags, got, full):
+        if f:
+            torch.testing.assert_close(a, b)
+        else:
+            assert a is None
+
+
 @pytest.mark.parametrize("res", [True, False])
 def test_self_attention_training_path_equals_plain_formula(res):
     """The layer (hand-written backward) = the plain formula under autograd, values and gradients;
