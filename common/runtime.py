@@ -33,7 +33,7 @@ pages nearly every row is a TLB miss as well as a cache miss.  Measured on the b
 (3.9M x 16 float32 tables, 44k distinct rows per step): the optimiser's gather + scatter of p, m,
 v 3.1 -> 2.1 ms, the forward lookup of 160k rows 2.1 -> 1.0 ms; the whole DeepFM step 1-2 %.
 TensorFlow allocates its variables itself and replaces the buffer at the first update; collapsing
-them into huge pages after that (``collapse=True``) measured no gain, so zoo_tf does not.
+them into huge pages after that (``MADV_COLLAPSE``) measured no gain, so zoo_tf does not.
 """
 from __future__ import annotations
 
@@ -54,10 +54,27 @@ _M_MMAP_THRESHOLD = -3
 HUGE_PAGE_MIN_BYTES = 32 << 20  # tables from 32 MiB up get transparent huge pages
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
-_MADV_COLLAPSE = 25             # Linux >= 6.1: make already-populated pages huge now
 
 _applied: dict | None = None
-_madvise = None
+_LIBC: list = []                # [the C library, or None], loaded once by _libc
+
+
+_SIGNATURES = {"mallopt": [ctypes.c_int, ctypes.c_int], "malloc_trim": [ctypes.c_size_t],
+               "madvise": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]}
+
+
+def _libc(fn: str):
+    """The C library's function ``fn`` (ctypes, with its signature), or None where it has none.
+    The library is loaded once (``find_library`` may run ``ldconfig``: not on every evaluation)."""
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
+        except OSError:
+            _LIBC.append(None)
+    f = getattr(_LIBC[0], fn, None)
+    if f is not None:
+        f.argtypes, f.restype = _SIGNATURES[fn], ctypes.c_int
+    return f
 
 
 def _enabled() -> bool:
@@ -76,14 +93,10 @@ def tune_malloc() -> dict:
     if not _enabled():
         _applied = {"malloc": "default", "reason": f"{TUNE_ENV}=0"}
         return dict(_applied)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         _applied = {"malloc": "default", "reason": "no glibc mallopt"}
         return dict(_applied)
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     ok = ok and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _applied = ({"malloc": "glibc", "mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
@@ -104,18 +117,17 @@ def evaluation_memory():
     training thresholds are restored.  Evaluation is forward-only, so the extra page faults
     cost little.
     """
-    tuned = _applied is not None and _applied.get("malloc") == "glibc"
+    tuned = _applied is not None and _applied.get("malloc") == "glibc"   # so mallopt exists
     if tuned:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        libc.malloc_trim(0)
-        libc.mallopt(_M_MMAP_THRESHOLD, EVAL_MMAP_THRESHOLD)
+        trim = _libc("malloc_trim")
+        if trim is not None:
+            trim(0)
+        _libc("mallopt")(_M_MMAP_THRESHOLD, EVAL_MMAP_THRESHOLD)
     try:
         yield
     finally:
         if tuned:
-            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            _libc("mallopt")(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def configure_process(malloc: bool = True) -> dict:
@@ -129,40 +141,22 @@ def configure_process(malloc: bool = True) -> dict:
     return out
 
 
-def _libc_madvise():
-    global _madvise
-    if _madvise is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    return _madvise
-
-
-def advise_huge_pages(address: int, nbytes: int, collapse: bool = False) -> bool:
+def advise_huge_pages(address: int, nbytes: int) -> bool:
     """Ask Linux to back ``[address, address + nbytes)`` with transparent huge pages.
 
     Only the whole 2 MiB pages inside the range are advised (``MADV_HUGEPAGE``), so neighbouring
     allocations are untouched.  Call it before the memory is first written: its page faults then
-    map huge pages.  ``collapse=True`` also converts pages that are already there (``MADV_COLLAPSE``,
-    Linux >= 6.1; for memory the caller did not allocate itself).  Returns whether the kernel
-    accepted the advice; False (and nothing done) below ``HUGE_PAGE_MIN_BYTES``, with
-    ``CTR_ZOO_PROCESS_TUNING=0``, off Linux, or when transparent huge pages are disabled.
+    map huge pages (pages already there stay as they are).  Returns whether the kernel accepted
+    the advice; False (and nothing done) below ``HUGE_PAGE_MIN_BYTES``, with
+    ``CTR_ZOO_PROCESS_TUNING=0``, off Linux, or without a C library.
     """
     if nbytes < HUGE_PAGE_MIN_BYTES or not _enabled() or not sys.platform.startswith("linux"):
         return False
-    madvise = _libc_madvise()
-    if not madvise:
+    madvise = _libc("madvise")
+    if madvise is None:
         return False
     lo = (int(address) + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
     hi = (int(address) + int(nbytes)) & ~(_HUGE_PAGE - 1)
     if hi <= lo:
         return False
-    ok = madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0
-    if ok and collapse:
-        ok = madvise(lo, hi - lo, _MADV_COLLAPSE) == 0
-    return ok
+    return madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0

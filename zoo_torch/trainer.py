@@ -35,8 +35,8 @@ from common.batching import num_batches, open_dataset
 from common.errors import FlagError, cli_errors
 from common.flags import check_gpu_ids
 from common.metrics import auc, logloss
-from common.runtime import evaluation_memory
 from common.optim import make_optimizer_config
+from common.runtime import evaluation_memory
 from common.train_utils import Backend, TrainArgs, result_line, run_training, split_prefix
 from zoo_torch.data import batches
 from zoo_torch.losses import get_loss

@@ -32,10 +32,11 @@ def activation(name: str):
 
 
 def full_table(shape, value: float = 0.0, like: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.full(shape, value)`` (torch's default dtype on the CPU, or ``like``'s dtype and device).  On the CPU a tensor of
-    ``common.runtime.HUGE_PAGE_MIN_BYTES`` or more (an embedding table, its optimiser slots) gets
-    transparent huge pages before it is first written: its random row gathers and scatters then
-    miss the TLB far less often."""
+    """``torch.full(shape, value)`` (torch's default dtype on the CPU, or ``like``'s dtype and device).
+
+    On the CPU a tensor of ``common.runtime.HUGE_PAGE_MIN_BYTES`` or more (an embedding table, its
+    optimiser slots) gets transparent huge pages before it is first written: its random row gathers
+    and scatters then miss the TLB far less often."""
     dtype = like.dtype if like is not None else torch.get_default_dtype()
     device = like.device if like is not None else torch.device("cpu")
     t = torch.empty(tuple(int(s) for s in shape), dtype=dtype, device=device)
