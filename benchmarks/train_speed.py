@@ -292,6 +292,15 @@ def check_peers(venv: str, runners: list[str], env: dict, log) -> dict:
 
 # ==============================================================================================
 # configuration
+def attention_dim(args, num_heads: int) -> int:
+    """AutoInt's head size for every runner: ``--attention_dim``, by default embedding / heads.
+
+    deepctr-torch has no head-size knob (its heads split the embedding), so only embedding / heads
+    (8 at embedding 16, 2 heads) gives every peer the same attention as ours -- the benchmark's rule.
+    """
+    return int(args.attention_dim) if args.attention_dim else max(1, int(args.embed_size) // int(num_heads))
+
+
 def model_config(name: str, args) -> dict:
     """Our config (common.configs) for ``name`` with the benchmark's overrides; peers get the same sizes."""
     from common.configs import config_to_dict, make_config, model_entry
@@ -301,8 +310,8 @@ def model_config(name: str, args) -> dict:
     over = {"embed_size": args.embed_size, "seed": args.seed}
     if "mlp" in fields and entry.name != "AutoInt":
         over["mlp"] = tuple(args.mlp)
-    if "attention_dim" in fields and args.attention_dim:
-        over["attention_dim"] = args.attention_dim
+    if "attention_dim" in fields:
+        over["attention_dim"] = attention_dim(args, entry.config().num_heads)
     return config_to_dict(make_config(entry.name, **over))
 
 
@@ -602,9 +611,9 @@ def parse_args(argv=None):
     ap.add_argument("--embed_size", type=int, default=16)
     ap.add_argument("--mlp", default="400,400,400", help="hidden sizes of DeepFM/DCN/xDeepFM (default: %(default)s)")
     ap.add_argument("--attention_dim", type=int, default=None,
-                    help="AutoInt: size of each attention head for every runner (default: the model's, 32).  "
-                         "deepctr-torch has no such knob (its heads split the embedding: embed_size / heads "
-                         "each), so --attention_dim 8 with embedding 16 and 2 heads is everyone doing its work")
+                    help="AutoInt: size of each attention head for every runner (default: embed_size / heads, "
+                         "8 -- deepctr-torch has no such knob, its heads split the embedding, so that is the "
+                         "size at which every runner does the same work; our model's own default is 32)")
     ap.add_argument("--optimizer", default="LazyAdam", help="our optimiser (peers: their Adam)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -692,7 +701,7 @@ def main(argv=None) -> int:
 
     settings = dict(models=models, backends=args.backends, peers=args.peers, rows=args.rows,
                     valid_rows=args.valid_rows, fields=args.fields, vocab=args.vocab, batch_size=args.batch_size,
-                    embed_size=args.embed_size, mlp=args.mlp, attention_dim=args.attention_dim,
+                    embed_size=args.embed_size, mlp=args.mlp, attention_dim=model_config("AutoInt", args)["attention_dim"],
                     optimizer=args.optimizer, peer_optimizer="Adam",
                     lr=args.lr, device=args.device, threads=args.threads, inter_op_threads=args.inter_op_threads,
                     warmup=args.warmup, window=args.window, windows=args.windows, seed=args.seed, quick=args.quick,

@@ -364,3 +364,54 @@ def test_self_attention_training_path_equals_plain_formula(res):
     traced = torch.jit.trace(layer, (e.detach(),))
     torch.testing.assert_close(traced(e.detach()), ref.detach())
     assert not any(n.kind() == "prim::PythonOp" for n in traced.graph.nodes())
+
+
+# ---- zoo_tf's AutoInt runs its attention stack on slices of the batch ------------------------------
+@pytest.mark.parametrize("rows", [3, 600, 1029])
+def test_tf_autoint_in_slices_equals_torch_and_the_whole_batch(random_dataset, rows):
+    """Sliced (eager: static batch; tf.function: dynamic batch, empty slices below 8 rows) and unsliced
+    TF AutoInt give torch's logits and each other's gradients."""
+    from zoo_tf.models import autoint as tf_autoint
+
+    schema = Schema.load(random_dataset)
+    cfg = dict(embed_size=4, attention_layers=2, num_heads=2, attention_dim=3, use_residual=True, mlp=())
+    tm = zoo_torch.build_model("AutoInt", schema, seed=1, **cfg).eval()
+    fm = zoo_tf.build_model("AutoInt", schema, seed=1, **cfg)
+    weights = {k: np.random.default_rng(3).normal(0, 0.5, v.shape).astype(np.float32)
+               for k, v in zoo_torch.get_weights(tm).items()}
+    zoo_torch.set_weights(tm, weights)
+    zoo_tf.set_weights(fm, weights)
+    batch = random_batch(schema, rows, seed=4)
+    with torch.no_grad():
+        want = tm({k: torch.from_numpy(v) for k, v in batch.items()}).numpy()
+    tb = {k: tf.constant(v) for k, v in batch.items()}
+    spec = {k: tf.TensorSpec((None,) + v.shape[1:], v.dtype) for k, v in tb.items()}
+
+    def grads(chunks, graph):
+        fm.attention_chunks = chunks
+
+        def f(b):
+            with tf.GradientTape() as tape:
+                y = fm(b, training=True)
+                loss = tf.reduce_sum(y * tf.range(rows, dtype=tf.float32))
+            return y, tape.gradient(loss, fm.trainable_variables)
+
+        return (tf.function(f, input_signature=[spec]) if graph else f)(tb)
+
+    whole_y, whole_g = grads(1, False)
+    np.testing.assert_allclose(whole_y.numpy(), want, rtol=1e-5, atol=1e-5)
+    for graph in (False, True):
+        y, g = grads(tf_autoint.ATTENTION_CHUNKS, graph)
+        np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, whole_g):
+            np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
+                                       rtol=1e-4, atol=1e-5)
+    # eager with a static batch: fewer slices for small batches (one below 2 x MIN_CHUNK_ROWS)
+    calls = []
+    fm.attention_chunks = tf_autoint.ATTENTION_CHUNKS
+    real = fm.attend
+    fm.attend = lambda x: calls.append(int(x.shape[0])) or real(x)
+    fm(tb, training=False)
+    del fm.attend
+    expect = max(1, min(tf_autoint.ATTENTION_CHUNKS, rows // tf_autoint.MIN_CHUNK_ROWS))
+    assert len(calls) == expect and sum(calls) == rows

@@ -259,3 +259,45 @@ def test_full_table_advises_huge_pages_for_large_tables_only(monkeypatch):
     n = len(calls)
     zopt.build_optimizer(m, zopt.make_optimizer_config("Adagrad", 0.1))
     assert calls[n:] == [("slot", 0.0), (calls[n + 1][0], 32)]      # Adagrad's accumulator, 4 x 2 floats
+
+
+_NICENESS_CODE = """
+import json, os, threading
+from common.batching import prefetch
+
+def nice():
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+def seen():
+    yield nice()
+    yield nice()
+
+main = nice()
+out = {'main_before': main, 'background': list(prefetch(seen(), 2, background=True)),
+       'plain': list(prefetch(seen(), 2)), 'main_after': nice()}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_background_prefetch_thread_runs_at_lowest_priority_only_itself():
+    """The loader thread yields the cores to the training threads (niceness 19); the consumer's own
+    priority and a plain prefetch thread's are untouched; CTR_ZOO_PROCESS_TUNING=0 switches it off."""
+    on = _run_python(_NICENESS_CODE, {})
+    base = on["main_before"]
+    assert on["background"] == [19, 19] and on["plain"] == [base, base], on
+    assert on["main_after"] == base
+    off = _run_python(_NICENESS_CODE, {"CTR_ZOO_PROCESS_TUNING": "0"})
+    assert off["background"] == [off["main_before"]] * 2
+
+
+def test_torch_loader_iterates_in_a_background_thread(random_dataset, monkeypatch):
+    import common.batching as cb
+    import zoo_torch.data as zd
+
+    calls = []
+    real = cb.prefetch
+    monkeypatch.setattr(zd, "prefetch", lambda it, depth, background=False: calls.append((depth, background))
+                        or real(it, depth, background))
+    assert len(list(zd.batches(random_dataset, "valid", 64, shuffle=False))) > 0
+    assert calls == [(4, True)]

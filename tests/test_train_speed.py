@@ -1,0 +1,43 @@
+"""benchmarks/train_speed.py end to end on a tiny dataset, our side only (no peers: CI has no network).
+
+The full benchmark is too slow for CI; this checks that the one command runs our four models in both
+backends through the real loaders and writes the JSON and Markdown it promises, with the same
+configuration recorded for every run (AutoInt: embedding / heads per head by default)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, subprocess_env
+
+SCRIPT = os.path.join(ROOT, "benchmarks", "train_speed.py")
+
+
+def test_train_speed_ours_only_writes_json_and_table(tmp_path):
+    out = tmp_path / "speed.json"
+    args = [sys.executable, SCRIPT, "--models", "DeepFM,AutoInt", "--peers", "none", "--rows", "6000",
+            "--valid_rows", "1000", "--fields", "6", "--vocab", "500", "--batch_size", "500", "--mlp", "16,8",
+            "--warmup", "1", "--window", "2", "--windows", "2", "--threads", "1", "--inter_op_threads", "1",
+            "--data_dir", str(tmp_path / "data"), "--out", str(out), "--no_progress"]
+    p = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["settings"]["attention_dim"] == 8          # embedding 16 / 2 heads: every runner's size
+    runs = {(x["model"], x["backend"]): x for x in r["runs"]}
+    assert set(runs) == {(m, b) for m in ("DeepFM", "AutoInt") for b in ("torch", "tf")}
+    for (model, backend), x in runs.items():
+        assert x["status"] == "ok", x
+        assert x["rows_per_s"] > 0 and len(x["windows"]) == 2 and x["peak_rss_mb"] > 0
+        assert 0.0 <= x["valid_auc"] <= 1.0 and x["valid_rows"] == 1000
+    # same weights count in both backends for the same config (one architecture)
+    for model in ("DeepFM", "AutoInt"):
+        assert runs[(model, "torch")]["params"] == runs[(model, "tf")]["params"]
+    # AutoInt ran with 2 heads of 8: embedding + 3 layers x (Q, K, V, Res) 16 x 16 + the output layer
+    from common.schema import Schema
+
+    rows = sum(f.vocab_size for f in Schema.load(str(tmp_path / "data")).categorical)
+    assert runs[("AutoInt", "torch")]["params"] == rows * 16 + 3 * 4 * 16 * 16 + 6 * 16 + 1
+    table = out.with_suffix(".md").read_text()
+    assert "| DeepFM | ours (torch)" in table and "| AutoInt | ours (tf)" in table and "head size 8" in table
