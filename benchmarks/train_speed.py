@@ -701,7 +701,8 @@ def main(argv=None) -> int:
 
     settings = dict(models=models, backends=args.backends, peers=args.peers, rows=args.rows,
                     valid_rows=args.valid_rows, fields=args.fields, vocab=args.vocab, batch_size=args.batch_size,
-                    embed_size=args.embed_size, mlp=args.mlp, attention_dim=model_config("AutoInt", args)["attention_dim"],
+                    embed_size=args.embed_size, mlp=args.mlp,
+                    attention_dim=model_config("AutoInt", args)["attention_dim"],
                     optimizer=args.optimizer, peer_optimizer="Adam",
                     lr=args.lr, device=args.device, threads=args.threads, inter_op_threads=args.inter_op_threads,
                     warmup=args.warmup, window=args.window, windows=args.windows, seed=args.seed, quick=args.quick,

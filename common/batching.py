@@ -26,7 +26,6 @@ from typing import Iterable
 import numpy as np
 
 from common.errors import UserError
-from common.runtime import lower_thread_priority
 from common.schema import Schema
 from common.store import Store
 
@@ -239,12 +238,8 @@ def iter_numpy_batches(dataset_dir: str, split: str, batch_size: int, shuffle: b
         yield unpack(schema, packed)
 
 
-def prefetch(iterable: Iterable, depth: int = 4, background: bool = False):
-    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (exceptions are re-raised here).
-
-    ``background=True``: the thread runs at the lowest scheduling priority
-    (:func:`common.runtime.lower_thread_priority`), i.e. on the cores the consumer leaves idle.
-    """
+def prefetch(iterable: Iterable, depth: int = 4):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (exceptions are re-raised here)."""
     import queue
     import threading
 
@@ -256,8 +251,6 @@ def prefetch(iterable: Iterable, depth: int = 4, background: bool = False):
     stop = threading.Event()
 
     def work():
-        if background:
-            lower_thread_priority()
         try:
             for x in iterable:
                 if stop.is_set():

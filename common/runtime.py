@@ -34,17 +34,6 @@ pages nearly every row is a TLB miss as well as a cache miss.  Measured on the b
 v 3.1 -> 2.1 ms, the forward lookup of 160k rows 2.1 -> 1.0 ms; the whole DeepFM step 1-2 %.
 TensorFlow allocates its variables itself and replaces the buffer at the first update; collapsing
 them into huge pages after that (``MADV_COLLAPSE``) measured no gain, so zoo_tf does not.
-
-And zoo_torch's loader thread runs at the lowest scheduling priority (:func:`lower_thread_priority`,
-niceness 19, Linux; also off with ``CTR_ZOO_PROCESS_TUNING=0``).  A training step leaves a core idle
-for about a quarter of its time (the single-threaded parts: Python, autograd bookkeeping, the
-optimiser's row gathers), and that is where the loader should run -- not in the middle of a
-two-thread GEMM, where taking one of its cores stalls the other thread at the next barrier.  At
-niceness 19 the scheduler gives the loader a core when one is idle and takes it back at the next
-wake-up of a training thread.  When the loader falls behind, the training thread waits for a batch
-and its core idles, so the loader cannot starve.  Measured on the benchmark machine (PyTorch DeepFM,
-batch 4096, loader vs. loader alternating in 8-step windows in one process, three runs): 2.6-4.4 %
-more rows/s; preloaded batches are 3-4 % faster still.
 """
 from __future__ import annotations
 
@@ -150,25 +139,6 @@ def configure_process(malloc: bool = True) -> dict:
     out = tune_malloc() if malloc else {"malloc": "default", "reason": "not requested"}
     out["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     return out
-
-
-def lower_thread_priority(niceness: int = 19) -> bool:
-    """Give the calling thread scheduling niceness ``niceness`` (Linux: threads have their own).
-
-    Returns whether it was applied; False (and nothing done) with ``CTR_ZOO_PROCESS_TUNING=0``, off
-    Linux, or where the system refuses.  A thread can only lower its own priority this way, so the
-    training threads never lose anything.
-    """
-    if not _enabled() or not sys.platform.startswith("linux"):
-        return False
-    import threading
-
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), int(niceness)))
-        return True
-    except (OSError, AttributeError):
-        return False
 
 
 def advise_huge_pages(address: int, nbytes: int) -> bool:

@@ -2,8 +2,7 @@
 
 Each batch is a :class:`Batch` -- a plain ``{field: tensor, "label": tensor}`` dict that also
 carries, as attributes, the categorical fields' global table rows and their sort
-(:func:`common.batching.row_plan`), computed in the prefetch thread (which runs at the lowest
-scheduling priority, on the cores the training step leaves idle).  ``FeatureEmbedding``
+(:func:`common.batching.row_plan`), computed in the prefetch thread.  ``FeatureEmbedding``
 looks rows up from ``batch.cat_rows`` and the row-sparse optimiser reuses ``batch.row_sort``
 instead of sorting the gradient's indices in the step.  A plain dict (or a copy) works the
 same, only without the head start.
@@ -64,7 +63,7 @@ class Batches:
             yield batch
 
     def __iter__(self):
-        return prefetch(self._gen(), self.prefetch, background=True)   # on the step's idle cores
+        return prefetch(self._gen(), self.prefetch)
 
 
 def batches(dataset_dir, split="train", batch_size=4096, shuffle=True, seed=0, rank=0, world_size=1,

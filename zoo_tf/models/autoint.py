@@ -19,8 +19,9 @@ slices of the batch, each slice through all layers on its own.  The slices are i
 [b, H, F, F] scores stay in cache between the softmax, its gradient and the matmuls around them
 (for the whole batch they are 50 MB per layer at batch 4096, 2 heads, 39 fields).  Every sample
 goes through the same ops as before, so the result is the same up to float rounding.  Measured on
-the 2-core benchmark machine (three layers, forward + backward, batch 4096): 8 slices are
-15-20 % faster than one, with 2 x 8 and with 2 x 32 heads.  zoo_torch's hand-written backward
+the 2-core benchmark machine (three layers, batch 4096): forward + backward of the attention stack
+15-20 % faster with 8 slices than with one; the whole training step +12 % with 2 heads x 8 and +21 %
+with 2 x 32 (4 slices: about as fast as 8; 16: slower).  zoo_torch's hand-written backward
 gains nothing from slicing (its small ops parallelise badly over the threads).
 """
 import tensorflow as tf
