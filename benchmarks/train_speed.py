@@ -26,8 +26,9 @@ What is measured (see benchmarks/README.md for the full protocol)
   for every runner (torch.set_num_threads / set_num_interop_threads, TF
   threading config); recorded per run.
 - Same model configuration everywhere (embedding size, MLP sizes, cross / CIN /
-  attention sizes, learning rate, no L2, no dropout, no batch norm where the
-  library allows).  We train with ``--optimizer`` (default LazyAdam); every
+  attention sizes -- AutoInt: embedding / heads per head, and with the linear
+  term every peer's AutoInt has --, learning rate, no L2, no dropout, no batch
+  norm where the library allows).  We train with ``--optimizer`` (default LazyAdam); every
   peer with its own standard Adam.
 
 The peers are installed by this script into their own virtualenv
@@ -312,6 +313,8 @@ def model_config(name: str, args) -> dict:
         over["mlp"] = tuple(args.mlp)
     if "attention_dim" in fields:
         over["attention_dim"] = attention_dim(args, entry.config().num_heads)
+    if "use_wide" in fields:     # every peer's AutoInt adds a first-order term (deepctr, deepctr-torch, torchfm)
+        over["use_wide"] = True
     return config_to_dict(make_config(entry.name, **over))
 
 

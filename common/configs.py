@@ -82,6 +82,7 @@ class AutoIntConfig(MLPConfig):
     num_heads: int = 2
     attention_dim: int = 32         # size of each head's key/value space
     use_residual: bool = True
+    use_wide: bool = False          # add a first-order (linear) term, as FuxiCTR's switch of that name
 
 
 @dataclass

@@ -158,9 +158,9 @@ def parity_data(random_dataset):
 
 
 # ----- (a) forward --------------------------------------------------------------------------------
-def forward_check(name, data, figures=None):
+def forward_check(name, data, figures=None, **variant):
     figures = {} if figures is None else figures
-    tm, fm = build_pair(name, data.schema, batch_norm=True, seed=3)
+    tm, fm = build_pair(name, data.schema, batch_norm=True, seed=3, **variant)
     assert_same_weights(zoo_torch.get_weights(tm), zoo_tf.get_weights(fm), 0, "initial weights", exact=True)
     bt, bf = data.torch_train[0], data.tf_train[0]
 
@@ -225,7 +225,7 @@ def tf_gradients(fm, batch):
     return float(loss), out
 
 
-def gradient_check(name, data, figures=None):
+def gradient_check(name, data, figures=None, **variant):
     """Relative difference max|dg| / max(max|g|, tiny), tiny = GRAD_FLOOR * (largest gradient of the model).
 
     The floor matters only for gradients that are mathematically zero, e.g. a
@@ -235,7 +235,7 @@ def gradient_check(name, data, figures=None):
     absolutely, at 1e-6 of the largest gradient.
     """
     figures = {} if figures is None else figures
-    tm, fm = build_pair(name, data.schema, batch_norm=True, l2=1e-2, l2_embedding=1e-2, seed=5)
+    tm, fm = build_pair(name, data.schema, batch_norm=True, l2=1e-2, l2_embedding=1e-2, seed=5, **variant)
     set_both(tm, fm, random_weights(tm, seed=2))
     lt, gt = torch_gradients(tm, data.torch_train[1])
     lf, gf = tf_gradients(fm, data.tf_train[1])
@@ -277,7 +277,7 @@ def float64_trajectory(name, schema, w0, oc, batches):
     return zoo_torch.get_weights(tm), np.array(losses)
 
 
-def training_check(name, data, figures=None):
+def training_check(name, data, figures=None, **variant):
     """50 steps of each optimiser through zoo_*.step.TrainStep; then weights, predictions and AUC.
 
     Bars: per tensor max|w_torch - w_tf| / max|w_torch| <= 1e-4, the 50 per-step
@@ -300,7 +300,7 @@ def training_check(name, data, figures=None):
     A wrong update rule or gradient moves weights systematically and fails both.
     """
     figures = {} if figures is None else figures
-    tm, fm = build_pair(name, data.schema, **TRAIN_CONFIG)
+    tm, fm = build_pair(name, data.schema, **{**TRAIN_CONFIG, **variant})
     w0 = random_weights(tm, seed=6)
     for opt_name, kw in OPTIMIZERS.items():
         set_both(tm, fm, w0)
@@ -351,14 +351,14 @@ def training_check(name, data, figures=None):
 
 
 # ----- (d) weight round trip ----------------------------------------------------------------------
-def roundtrip_check(name, data, figures=None):
+def roundtrip_check(name, data, figures=None, **variant):
     figures = {} if figures is None else figures
-    tm, fm = build_pair(name, data.schema, batch_norm=True, seed=21)
+    tm, fm = build_pair(name, data.schema, batch_norm=True, seed=21, **variant)
     w = random_weights(tm, seed=4)
     zoo_torch.set_weights(tm, w)
     zoo_tf.set_weights(fm, zoo_torch.get_weights(tm))
     back = zoo_tf.get_weights(fm)
-    tm2 = zoo_torch.build_model(name, data.schema, **small_config(name, batch_norm=True, seed=99))
+    tm2 = zoo_torch.build_model(name, data.schema, **small_config(name, batch_norm=True, seed=99, **variant))
     zoo_torch.set_weights(tm2, back)
     assert_same_weights(w, zoo_torch.get_weights(tm2), 0, "torch -> tf -> torch", exact=True)
     p1, _ = torch_step.predict(tm, data.torch_valid)

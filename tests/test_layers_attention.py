@@ -295,6 +295,8 @@ def test_autoint_variants(random_dataset):
         assert any(k.startswith("dnn.") for k in plus)
         assert not any(k.startswith("linear.") for k in plain)   # no first-order term (see models/autoint.py)
         assert set(plain) <= set(plus)
+        wide = zoo.get_weights(zoo.build_model("AutoInt", schema, embed_size=4, use_wide=True))
+        assert set(wide) - set(plain) == {k for k in wide if k.startswith("linear.")} != set()
 
 
 # ---- zoo_torch's hand-written self-attention backward (_SelfAttention) -----------------------------

@@ -27,6 +27,8 @@ from common.configs import MODELS
 from parity_utils import forward_check, gradient_check, parity_data, roundtrip_check, training_check
 
 MODEL_NAMES = list(MODELS)
+# non-default switches that add parameters or branches: (model, config overrides)
+VARIANTS = [("AutoInt", {"use_wide": True})]
 
 
 # ----- data: the same batches from both loaders ------------------------------------------------
@@ -59,3 +61,11 @@ def test_training_parity(name, data):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_weight_roundtrip(name, data):
     roundtrip_check(name, data)
+
+
+# ----- the same four checks for the VARIANTS ------------------------------------------------------
+@pytest.mark.parametrize("check", [forward_check, gradient_check, training_check, roundtrip_check],
+                         ids=["forward", "gradient", "training", "roundtrip"])
+@pytest.mark.parametrize("name,variant", VARIANTS, ids=[f"{n}-{'-'.join(v)}" for n, v in VARIANTS])
+def test_variant_parity(check, name, variant, data):
+    check(name, data, **variant)

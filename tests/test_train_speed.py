@@ -34,10 +34,11 @@ def test_train_speed_ours_only_writes_json_and_table(tmp_path):
     # same weights count in both backends for the same config (one architecture)
     for model in ("DeepFM", "AutoInt"):
         assert runs[(model, "torch")]["params"] == runs[(model, "tf")]["params"]
-    # AutoInt ran with 2 heads of 8: embedding + 3 layers x (Q, K, V, Res) 16 x 16 + the output layer
+    # AutoInt ran with 2 heads of 8 and the peers' linear term: embedding + 3 layers x (Q, K, V, Res)
+    # 16 x 16 + the output layer + the first-order table and bias
     from common.schema import Schema
 
     rows = sum(f.vocab_size for f in Schema.load(str(tmp_path / "data")).categorical)
-    assert runs[("AutoInt", "torch")]["params"] == rows * 16 + 3 * 4 * 16 * 16 + 6 * 16 + 1
+    assert runs[("AutoInt", "torch")]["params"] == rows * 16 + 3 * 4 * 16 * 16 + 6 * 16 + 1 + rows + 1
     table = out.with_suffix(".md").read_text()
     assert "| DeepFM | ours (torch)" in table and "| AutoInt | ours (tf)" in table and "head size 8" in table

@@ -6,10 +6,12 @@
     e^(l)_m   = ReLU( e~_m + W_Res e^(l-1)_m )                   l = 1..``attention_layers``
     y_AutoInt = w^T [e^(L)_1; ...; e^(L)_F] + b                  (output layer over the flattened fields)
     y_AutoInt+ = y_AutoInt + MLP([e_1; ...; e_F])               (DNN over the flattened embeddings)
+    y_wide    = y + w_0 + sum_i w[x_i] + sum_j w_j x_j           (``use_wide``: a first-order term)
 
 H = ``num_heads``, d' = ``attention_dim`` per head, ``use_residual`` toggles W_Res.
-No first-order (linear) term: the paper's output layer is the logistic regression above, and
-FuxiCTR's AutoInt leaves its optional wide part off by default (``use_wide=False``).
+No first-order (linear) term by default: the paper's output layer is the logistic regression
+above, and FuxiCTR's AutoInt leaves its optional wide part off by default too.  ``use_wide=True``
+adds one (FuxiCTR's switch; DeepCTR, deepctr-torch and torchfm always have it).
 AutoInt builds the DNN branch only when ``mlp`` is non-empty (so AutoInt with ``mlp`` set is
 AutoInt+); AutoIntPlus requires it.
 
@@ -28,6 +30,7 @@ import tensorflow as tf
 
 from zoo_tf.layers.attention import MultiHeadSelfAttention
 from zoo_tf.layers.base import Dense
+from zoo_tf.layers.embeddings import LinearPart
 from zoo_tf.layers.blocks import MLP
 from zoo_tf.models.base import CTRModel
 
@@ -62,6 +65,7 @@ class AutoInt(CTRModel):
                           for a in dims[:-1]]
         self.out = Dense(f * dims[-1], 1)
         self.dnn = MLP(f * c.embed_size, c.mlp, c.activation, c.dropout, c.batch_norm, out_dim=1) if c.mlp else None
+        self.linear = LinearPart(schema) if c.use_wide else None
 
     def __call__(self, batch, training=False):
         e = self.embedding(batch)
@@ -69,6 +73,8 @@ class AutoInt(CTRModel):
         y = tf.squeeze(self.out(tf.reshape(x, [-1, x.shape[1] * x.shape[2]])), -1)
         if self.dnn is not None:
             y = y + tf.squeeze(self.dnn(tf.reshape(e, [-1, e.shape[1] * e.shape[2]]), training=training), -1)
+        if self.linear is not None:
+            y = y + self.linear(batch)
         return y
 
     def attend(self, x):
