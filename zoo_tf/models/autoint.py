@@ -30,8 +30,8 @@ import tensorflow as tf
 
 from zoo_tf.layers.attention import MultiHeadSelfAttention
 from zoo_tf.layers.base import Dense
-from zoo_tf.layers.embeddings import LinearPart
 from zoo_tf.layers.blocks import MLP
+from zoo_tf.layers.embeddings import LinearPart
 from zoo_tf.models.base import CTRModel
 
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from zoo_torch.layers.attention import MultiHeadSelfAttention
 from zoo_torch.layers.base import Dense
-from zoo_torch.layers.embeddings import LinearPart
 from zoo_torch.layers.blocks import MLP
+from zoo_torch.layers.embeddings import LinearPart
 from zoo_torch.models.base import CTRModel
 
 
