@@ -702,10 +702,11 @@ def main(argv=None) -> int:
             log("checking the peers import")
             peer_checks = check_peers(peers_env["path"], wanted_peers, child_env({"TF_USE_LEGACY_KERAS": "1"}), log)
 
+    autoint = model_config("AutoInt", args)         # what every runner's AutoInt is configured with
     settings = dict(models=models, backends=args.backends, peers=args.peers, rows=args.rows,
                     valid_rows=args.valid_rows, fields=args.fields, vocab=args.vocab, batch_size=args.batch_size,
                     embed_size=args.embed_size, mlp=args.mlp,
-                    attention_dim=model_config("AutoInt", args)["attention_dim"],
+                    attention_dim=autoint["attention_dim"], autoint_use_wide=autoint["use_wide"],
                     optimizer=args.optimizer, peer_optimizer="Adam",
                     lr=args.lr, device=args.device, threads=args.threads, inter_op_threads=args.inter_op_threads,
                     warmup=args.warmup, window=args.window, windows=args.windows, seed=args.seed, quick=args.quick,
@@ -882,8 +883,8 @@ def markdown(report: dict) -> str:
             f"{d['splits'].get('train'):,} train / {d['splits'].get('valid'):,} valid rows"
             + (f"; Bayes-optimal valid AUC {d['bayes_auc'].get('valid'):.4f}" if d.get("bayes_auc", {}).get("valid")
                else ""),
-            f"- Config: batch {s['batch_size']}, embedding {s['embed_size']}, MLP {s['mlp']} (AutoInt: attention only, "
-            f"head size {s.get('attention_dim') or 'default (32)'}), "
+            f"- Config: batch {s['batch_size']}, embedding {s['embed_size']}, MLP {s['mlp']} (AutoInt: attention"
+            f"{' + first-order term' if s['autoint_use_wide'] else ' only'}, head size {s['attention_dim']}), "
             f"lr {s['lr']}, ours {s['optimizer']} / peers Adam, no L2, no dropout, device {s['device']}",
             f"- Threads: {s['threads']} intra-op, {s['inter_op_threads']} inter-op for every runner",
             "- Process settings (`--process_tuning " + str(s.get("process_tuning", "none")) + "`): "

@@ -25,6 +25,7 @@ def test_train_speed_ours_only_writes_json_and_table(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["settings"]["attention_dim"] == 8          # embedding 16 / 2 heads: every runner's size
+    assert r["settings"]["autoint_use_wide"] is True    # the first-order term every peer's AutoInt has
     runs = {(x["model"], x["backend"]): x for x in r["runs"]}
     assert set(runs) == {(m, b) for m in ("DeepFM", "AutoInt") for b in ("torch", "tf")}
     for (model, backend), x in runs.items():
@@ -42,3 +43,4 @@ def test_train_speed_ours_only_writes_json_and_table(tmp_path):
     assert runs[("AutoInt", "torch")]["params"] == rows * 16 + 3 * 4 * 16 * 16 + 6 * 16 + 1 + rows + 1
     table = out.with_suffix(".md").read_text()
     assert "| DeepFM | ours (torch)" in table and "| AutoInt | ours (tf)" in table and "head size 8" in table
+    assert "(AutoInt: attention + first-order term, head size 8)" in table
