@@ -412,6 +412,7 @@ class Backend:
     """
 
     name = "backend"
+    devices = "cpu"           # where this process trains, in words (the result line's "device")
     is_chief = True
     can_broadcast = False     # True: broadcast() sends the chief's object to every process
     world_size = 1
@@ -706,7 +707,7 @@ def run_training(args: TrainArgs, backend: Backend, model_meta: dict | None = No
               "best_step": st["best"]["step"] if st["best"] else None,
               "epochs": int(epochs_done) if epochs_done == int(epochs_done) else epochs_done,
               "steps": st["step"], "train_rows_per_s": rows_per_s(), "rows_trained": st["rows_trained"],
-              "world_size": backend.world_size, "stopped_early": bool(stopped_early),
+              "world_size": backend.world_size, "device": backend.devices, "stopped_early": bool(stopped_early),
               "resumed_from_step": resumed_from,
               "checkpoint": os.path.abspath(best_path) if os.path.exists(best_path) else None,
               "metrics": os.path.abspath(os.path.join(save_dir, METRICS_FILE))}

@@ -17,7 +17,6 @@ See test_parity.py's docstring for what is checked and why.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import types
 
@@ -30,8 +29,9 @@ import zoo_tf
 import zoo_tf.data
 import zoo_torch
 import zoo_torch.data
-from common.configs import model_entry
 from common.metrics import auc
+from parity_base import (SENSITIVITY_FACTOR, SMALL, TRAIN_CONFIG, WEIGHT_CAP, random_weights, rel,  # noqa: F401
+                         small_config, to_float64)
 from common.optim import make_optimizer_config
 from zoo_tf import losses as tf_losses, optim as tf_optim, step as tf_step
 from zoo_torch import losses as torch_losses, optim as torch_optim, step as torch_step
@@ -45,9 +45,6 @@ WEIGHT_TOL = 1e-4
 AUC_TOL = 1e-3
 GRAD_FLOOR = 1e-2               # 'tiny' of the gradient check, as a fraction of the model's largest gradient
 
-SMALL = dict(embed_size=8, mlp=(32, 16), cin_layers=(8, 8), attention_dim=8, attention_size=8,
-             attention_layers=2, num_heads=2, cross_layers=2, dropout=0.0, attention_dropout=0.0)
-
 REPORT = os.environ.get("ZOO_PARITY_REPORT")     # optional path: append one line of numbers per check
 
 
@@ -58,49 +55,10 @@ def report(model, **numbers):
                                             for k, v in numbers.items()) + "\n")
 
 
-def small_config(name, **extra):
-    """The small test config, restricted to the keys the model's dataclass has.
-
-    A model whose default ``mlp`` is empty (AutoInt: no DNN) keeps it empty.
-    """
-    fields = {f.name: f for f in dataclasses.fields(model_entry(name).config)}
-    cfg = {k: v for k, v in {**SMALL, **extra}.items() if k in fields}
-    if "mlp" in fields and not fields["mlp"].default:
-        cfg.pop("mlp", None)
-    return cfg
-
-
 def build_pair(name, schema, **extra):
     cfg = small_config(name, **extra)
     return zoo_torch.build_model(name, schema, **cfg), zoo_tf.build_model(name, schema, **cfg)
 
-
-def rel(a, b, floor=1e-12):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.size == 0:
-        return 0.0
-    return float(np.abs(a - b).max() / max(np.abs(a).max(), floor))
-
-
-def random_weights(tm, seed=1):
-    """Non-trivial weights of O(1) activations (init zeros/1e-4 tables would hide most differences)."""
-    rng = np.random.default_rng(seed)
-    sparse = {n for n, p in tm.named_parameters() if getattr(p, "zoo_sparse", False)}
-    out = {}
-    for k, a in zoo_torch.get_weights(tm).items():
-        last = k.rsplit(".", 1)[-1]
-        if last == "moving_var" or last == "gamma":
-            v = rng.uniform(0.5, 1.5, a.shape)
-        elif last == "moving_mean":
-            v = rng.normal(0, 0.1, a.shape)
-        elif k in sparse:
-            v = rng.normal(0, 0.3, a.shape)
-        elif a.ndim >= 2:
-            v = rng.normal(0, 1.0 / np.sqrt(a.shape[-2]), a.shape)
-        else:
-            v = rng.normal(0, 0.1, a.shape)
-        out[k] = v.astype(np.float32)
-    return out
 
 
 def set_both(tm, fm, w):
@@ -257,14 +215,7 @@ def gradient_check(name, data, figures=None, **variant):
 
 
 # ----- (c) training -------------------------------------------------------------------------------
-TRAIN_CONFIG = dict(activation="tanh", batch_norm=False, l2=1e-4, l2_embedding=1e-4, seed=11)
 OPTIMIZERS = {"Adam": dict(lr=1e-3), "LazyAdam": dict(lr=1e-3)}
-SENSITIVITY_FACTOR = 10.0       # cross-backend drift allowed relative to float32's own drift (see below)
-WEIGHT_CAP = 1e-2               # never more than this, whatever float32's own drift
-
-
-def to_float64(batch):
-    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
 def float64_trajectory(name, schema, w0, oc, batches):

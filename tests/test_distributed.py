@@ -127,7 +127,9 @@ def test_tf_mirrored_two_logical_cpus_equals_single_device(dist_data, tf_single,
                         "--cpu_replicas", "2", *FLAGS], capture_output=True, text=True, env=_env(tmp_path),
                        timeout=TIMEOUT)
     _check(p)
-    assert _result(p.stdout)["world_size"] == 2
+    res = _result(p.stdout)
+    assert res["world_size"] == 2 and res["device"].startswith("MirroredStrategy over ")
+    assert res["device"].count("CPU:") == 2, res["device"]
     assert_same_weights(_final_weights(out), tf_single)
 
 

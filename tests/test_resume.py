@@ -26,6 +26,8 @@ FLAGS = ["--model", "DeepFM", "--mlp", "32,16", "--embed_size", "8", "--dropout"
          "--lr_decay_patience", "1", "--lr_decay_factor", "0.5", "--lr", "0.003", "--noprogress", "--threads", "1",
          "--seed", "11"]
 TIMEOUT = 420
+# On a GPU machine, CTR_ZOO_TEST_GPU_IDS=0 runs the PyTorch case on that GPU (CI has none: the CPU case)
+GPU_IDS = os.environ.get("CTR_ZOO_TEST_GPU_IDS", "")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,9 @@ def resume_data(tmp_path_factory):
 
 
 def _cmd(backend, data, out):
+    gpu = ["--gpu_ids", GPU_IDS] if GPU_IDS and backend == "pytorch" else []
     return [sys.executable, os.path.join(ROOT, f"train_example_{backend}.py"), "--data", data,
-            "--model_save_dir", out, *FLAGS]
+            "--model_save_dir", out, *FLAGS, *gpu]
 
 
 def _final(out):
@@ -76,6 +79,8 @@ def test_kill_9_and_restart_gives_identical_weights(backend, resume_data, tmp_pa
     assert again.returncode == 0, again.stderr[-4000:]
     res = json.loads(again.stdout.strip().splitlines()[-1])
     assert res["resumed_from_step"] == killed_at and res["steps"] == 80
+    if backend == "pytorch":
+        assert res["device"] == (f"cuda:{GPU_IDS.split(',')[0].strip()}" if GPU_IDS else "cpu")
     assert "resuming from" in again.stderr
 
     step_a, a, meta_a = _final(ref_dir)

@@ -43,6 +43,7 @@ def test_short_run_writes_result_metrics_checkpoints_and_export(backend, random_
     res = last_json(p.stdout)
     assert RESULT_KEYS <= set(res)
     assert res["backend"] == backend and res["model"] == "DeepFM" and res["steps"] == 8
+    assert res["device"] == "cpu"
     assert 0.0 < res["test_auc"] < 1.0 and res["test_logloss"] > 0 and res["train_rows_per_s"] > 0
     assert res["epochs"] == pytest.approx(8 * 50 / 600, abs=1e-3)     # 12 steps per epoch, stopped at 8
     assert "bayes_auc" not in res                                     # not a synthetic dataset

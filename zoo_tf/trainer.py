@@ -130,6 +130,8 @@ class TFBackend(Backend):
         self.worker_index = cluster["worker_index"] if cluster else 0
         self.is_chief = cluster["is_chief"] if cluster else True
         self.world_size = s.num_replicas_in_sync if s is not None else 1
+        if s is not None:
+            self.devices = f"{type(s).__name__} over {', '.join(s.extended.worker_devices)}"
         self.local_replicas = self.world_size // self.num_workers
         if args.batch_size % self.world_size:
             raise FlagError("batch_size", f"global batch size {args.batch_size} is not divisible by the "

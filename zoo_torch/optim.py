@@ -41,6 +41,28 @@ def publish_row_sort(rows: torch.Tensor, plan) -> None:
     _ROW_SORT[0] = (rows.reshape(-1), *plan) if plan is not None else None
 
 
+def sort_runs_torch(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`common.batching.sort_runs` on a device tensor: ``(uniq, order, starts)`` of 1-D ``flat``
+    (stable sort).  One device-to-host sync (the number of distinct rows)."""
+    srt, order = torch.sort(flat, stable=True)
+    flag = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+    flag[:1] = True
+    torch.ne(srt[1:], srt[:-1], out=flag[1:])
+    starts = flag.nonzero().squeeze(1)
+    return srt.index_select(0, starts), order, starts
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do ``a`` and ``b`` hold the same values?  The same live memory (both are kept alive by whoever
+    compares them, so the memory cannot have been reused) answers without reading it -- on a GPU,
+    reading would cost a device-to-host sync; otherwise compare values on the CPU only."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return a.device.type == "cpu" and torch.equal(a, b)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The raw model under DistributedDataParallel / DataParallel wrappers."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -64,7 +86,7 @@ class Optimizer:
             n: {s: full_table(p.shape, self.cfg.slot_init(s), like=p) for s in slots}
             for n, p in self.params}
         self._fused = self.cfg.base == "Adam" and hasattr(torch, "_fused_adam_")
-        self._step_t = torch.zeros((), dtype=torch.float32)
+        self._step_t = None            # the step count as a float32 tensor on the parameters' device
         self._dedup_cache = None
         self._dense_grad: dict[int, torch.Tensor] = {}   # dense Adam on row-sparse grads: zero buffers
         base = self.cfg.base
@@ -153,20 +175,14 @@ class Optimizer:
         if g.is_coalesced() or idx.numel() == 0:
             return idx, vals
         known = next((c for c in (self._dedup_cache, _ROW_SORT[0])    # this step's earlier table, the loader's
-                      if c is not None and c[0].shape == idx.shape and c[0].device == idx.device
-                      and torch.equal(c[0], idx)), None)
+                      if c is not None and _same_rows(c[0], idx)), None)
         if known is not None:
             _, uniq, order, starts = self._dedup_cache = known
         else:
             if idx.device.type == "cpu":         # numpy's vectorised sort is several times faster here
                 uniq, order, starts = (torch.from_numpy(a) for a in sort_runs(idx.numpy()))
             else:
-                srt, order = torch.sort(idx)
-                flag = torch.empty(idx.numel(), dtype=torch.bool, device=idx.device)
-                flag[0] = True
-                torch.ne(srt[1:], srt[:-1], out=flag[1:])
-                starts = flag.nonzero().squeeze(1)
-                uniq = srt.index_select(0, starts)
+                uniq, order, starts = sort_runs_torch(idx)
             self._dedup_cache = (idx, uniq, order, starts)
         if vals.dim() == 1:
             vals = vals.unsqueeze(1)
@@ -187,6 +203,8 @@ class Optimizer:
             return False
         c = self.cfg
         try:
+            if self._step_t is None or self._step_t.device != ps[0].device:
+                self._step_t = torch.zeros((), dtype=torch.float32, device=ps[0].device)
             self._step_t.fill_(self.t)
             torch._fused_adam_(ps, gs, ms, vs, [], [self._step_t] * len(ps), lr=self.lr, beta1=c.beta1,
                                beta2=c.beta2, weight_decay=0.0, eps=c.eps, amsgrad=False, maximize=False)

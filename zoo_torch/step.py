@@ -58,8 +58,8 @@ def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
     try:
         with torch.inference_mode(), evaluation_memory():
             for b in batches:
-                probs.append(torch.sigmoid(model(b)).numpy())
-                labels.append(b["label"].numpy())
+                probs.append(torch.sigmoid(model(b)).float().cpu().numpy())
+                labels.append(b["label"].cpu().numpy())
     finally:
         model.train(was_training)
     if not probs:

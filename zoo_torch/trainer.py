@@ -165,6 +165,7 @@ class TorchBackend(Backend):
             self.dp_ids = list(args.gpu_ids) if len(args.gpu_ids) > 1 else []
         else:
             self.device = torch.device("cpu")
+        self.devices = str(self.device) + (f" (DataParallel over GPUs {self.dp_ids})" if self.dp_ids else "")
         if self.dp_ids and args.model_config.get("l2_embedding"):
             raise FlagError("l2_embedding", "is not supported with nn.DataParallel (several --gpu_ids in one "
                                             "process); launch one process per GPU with torchrun instead")
@@ -202,7 +203,7 @@ class TorchBackend(Backend):
             opt = SparseGradSync(self.optimizer, [named[n] for n in self.sparse], self.world_size)
         self.step = TrainStep(self.model, opt, loss_fn, forward=forward)
         self.train_loader = batches(args.data, "train", args.batch_size, shuffle=True, seed=args.seed,
-                                    rank=self.rank, world_size=self.world_size)
+                                    rank=self.rank, world_size=self.world_size, device=self.device)
         self.eval_bs = args.eval_batch_size or args.batch_size
         self._eval_loaders: dict = {}
 
@@ -211,7 +212,7 @@ class TorchBackend(Backend):
         return num_batches(self.store.rows("train"), self.args.batch_size, False)
 
     def _to_device(self, batch: dict) -> dict:
-        if self.device.type == "cpu":
+        if batch["label"].device == self.device:       # the loaders deliver on self.device
             return batch
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -233,7 +234,8 @@ class TorchBackend(Backend):
 
     def _eval_loader(self, split: str):
         if split not in self._eval_loaders:   # opened once: opening verifies the store's checksums
-            self._eval_loaders[split] = batches(self.args.data, split, self.eval_bs, shuffle=False)
+            self._eval_loaders[split] = batches(self.args.data, split, self.eval_bs, shuffle=False,
+                                                device=self.device)
         return self._eval_loaders[split]
 
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +246,7 @@ class TorchBackend(Backend):
         try:
             with torch.inference_mode(), evaluation_memory():
                 for b in self._eval_loader(split):
-                    labels.append(b["label"].numpy())
+                    labels.append(b["label"].cpu().numpy())
                     probs.append(torch.sigmoid(model(self._to_device(b))).float().cpu().numpy())
         finally:
             model.train(was)

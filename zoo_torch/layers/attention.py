@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zoo_torch.layers.base import Dropout, Module
+from zoo_torch.layers.base import ConstIndex, Dropout, Module
 
 
 class AttentionalPooling(Module):
@@ -40,8 +40,7 @@ class AttentionalPooling(Module):
         if num_fields < 2:
             raise ValueError(f"attention-based pooling over field pairs needs >= 2 fields, got {num_fields}")
         rows, cols = np.triu_indices(num_fields, 1)
-        self._rows = torch.as_tensor(rows, dtype=torch.int64)      # plain tensors, not weights
-        self._cols = torch.as_tensor(cols, dtype=torch.int64)
+        self._rows, self._cols = ConstIndex(rows), ConstIndex(cols)
         self.num_pairs = len(rows)
         self.add_param("kernel", (dim, attention_size))
         self.add_param("bias", (attention_size,), "zeros", regularize=False)
@@ -55,7 +54,7 @@ class AttentionalPooling(Module):
         return torch.softmax((hidden @ self.h).reshape(-1, self.num_pairs), 1)
 
     def forward(self, e):
-        pairs = e.index_select(1, self._rows) * e.index_select(1, self._cols)        # [B, P, d]
+        pairs = e.index_select(1, self._rows.on(e.device)) * e.index_select(1, self._cols.on(e.device))        # [B, P, d]
         pooled = torch.bmm(self.attention(pairs).unsqueeze(1), pairs).squeeze(1)     # [B, d]
         return (self.drop(pooled) @ self.p).squeeze(-1)
 

@@ -7,6 +7,7 @@ without transposes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +44,26 @@ def full_table(shape, value: float = 0.0, like: torch.Tensor | None = None) -> t
     if device.type == "cpu":
         advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
     return t.fill_(value)
+
+
+class ConstIndex:
+    """A constant int64 index (pair indices, table offsets): not a weight, so not a buffer either (weights
+    keep their canonical names across backends).  ``on(device)`` copies it to a device once, when first
+    used there -- a host-to-GPU copy per step would make the host wait for the GPU.  One dict entry per
+    device, so nn.DataParallel's replicas (which share this object across threads) each get their own."""
+
+    def __init__(self, values):
+        self.cpu = torch.as_tensor(np.asarray(values, dtype=np.int64))
+        self._on = {self.cpu.device: self.cpu}
+
+    def on(self, device) -> torch.Tensor:
+        t = self._on.get(device)
+        if t is None:
+            t = self._on[device] = self.cpu.to(device)
+        return t
+
+    def __len__(self) -> int:
+        return int(self.cpu.numel())
 
 
 class Module(nn.Module):

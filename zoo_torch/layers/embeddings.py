@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo_torch.layers.base import Module
+from zoo_torch.layers.base import ConstIndex, Module
 from zoo_torch.optim import publish_row_sort
 
 
@@ -26,8 +26,8 @@ class FieldIndex:
         self.cat_names = [f.name for f in schema.categorical]
         self.num_names = [f.name for f in schema.numeric]
         self.seq_names = [f.name for f in schema.sequence]
-        self.cat_offsets = torch.tensor([offs[f.embedding_group] for f in schema.categorical], dtype=torch.int64)
-        self.row_key = (tuple(self.cat_names), tuple(int(o) for o in self.cat_offsets))
+        self.cat_offsets = ConstIndex([offs[f.embedding_group] for f in schema.categorical])
+        self.row_key = (tuple(self.cat_names), tuple(int(o) for o in self.cat_offsets.cpu))
         self.seq_offsets = [offs[f.embedding_group] for f in schema.sequence]
         self.total_rows = schema.total_vocab
         self.n_num = len(self.num_names)
@@ -38,7 +38,7 @@ class FieldIndex:
             publish_row_sort(rows, batch.row_sort)
             return rows
         idx = torch.stack([batch[n] for n in self.cat_names], 1).to(torch.int64)
-        return idx + self.cat_offsets.to(idx.device)
+        return idx + self.cat_offsets.on(idx.device)
 
     def numeric(self, batch):
         return torch.stack([batch[n] for n in self.num_names], 1).to(torch.float32)

@@ -13,9 +13,8 @@ FFMInteraction:  sum_{i<j} <v_{i,f_j}, v_{j,f_i}> = sum_{i<j} <V[:, i, j], V[:, 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from zoo_torch.layers.base import Module
+from zoo_torch.layers.base import ConstIndex, Module
 from zoo_torch.layers.embeddings import FeatureEmbedding
 
 
@@ -42,9 +41,9 @@ class FFMInteraction(Module):
         super().__init__()
         self.num_fields = num_fields
         i, j = np.triu_indices(num_fields, 1)
-        self.ij = torch.as_tensor(i * num_fields + j, dtype=torch.int64)   # flat index of v_{i,f_j}
-        self.ji = torch.as_tensor(j * num_fields + i, dtype=torch.int64)   # flat index of v_{j,f_i}
+        self.ij = ConstIndex(i * num_fields + j)      # flat index of v_{i,f_j}
+        self.ji = ConstIndex(j * num_fields + i)      # flat index of v_{j,f_i}
 
     def forward(self, v):
         v = v.reshape(v.shape[0], self.num_fields * self.num_fields, v.shape[-1])
-        return (v.index_select(1, self.ij) * v.index_select(1, self.ji)).sum((1, 2))
+        return (v.index_select(1, self.ij.on(v.device)) * v.index_select(1, self.ji.on(v.device))).sum((1, 2))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zoo_torch.layers.base import Dense, Module, activation
+from zoo_torch.layers.base import ConstIndex, Dense, Module, activation
 
 LN_EPS = 1e-5
 ATTN_LN_INIT = "const:0.17"     # NASRec's attention layer-norm scale
@@ -110,7 +110,7 @@ class DotOp(Module):
         self.sparse_norm = LayerNorm(k)
         n = k + 1
         li, lj = np.tril_indices(n, -1)
-        self.flat_index = torch.from_numpy((li * n + lj).astype(np.int64))   # plain attribute, not a weight
+        self.flat_index = ConstIndex(li * n + lj)
         self.out = ElasticDense(len(li), width)
         self.norm = LayerNorm(width)
 
@@ -118,7 +118,7 @@ class DotOp(Module):
         a = self.dense_norm(self.dense_proj(x, xrows))                          # [B, d]
         y = self.sparse_norm(feature_project(sp, self.sparse_proj.weight(srows)), axis=1)   # [B, k, d]
         t = torch.cat([a.unsqueeze(1), y], 1)                                   # [B, k+1, d]
-        z = (t @ t.transpose(1, 2)).flatten(1)[:, self.flat_index.to(t.device)]              # strict lower triangle
+        z = (t @ t.transpose(1, 2)).flatten(1)[:, self.flat_index.on(t.device)]              # strict lower triangle
         return self.norm(self.out(z, None, width))
 
 
@@ -293,7 +293,7 @@ def dense_stem(index, batch, dtype=torch.float32):
     if index.n_num:
         return index.numeric(batch).to(dtype)
     ref = batch[index.cat_names[0]] if index.cat_names else batch[index.seq_names[0]]
-    return torch.ones(ref.shape[0], 1, dtype=dtype)
+    return torch.ones(ref.shape[0], 1, dtype=dtype, device=ref.device)
 
 
 def forward_network(model, batch, path, layout=None):
