@@ -72,6 +72,29 @@ def test_sort_runs_is_the_stable_sort(case):
     assert uniq.dtype == flat.dtype and order.dtype == starts.dtype == np.int64
     np.testing.assert_array_equal(flat[order][starts], uniq)
     assert starts[0] == 0 and np.all(np.diff(starts) > 0) and starts.size == uniq.size
+    # the device version (the GPU loader's and the optimiser's sort on a GPU) gives the same arrays
+    import torch
+
+    from zoo_torch.optim import sort_runs_torch
+
+    for got, want in zip(sort_runs_torch(torch.from_numpy(flat)), (uniq, order, starts)):
+        np.testing.assert_array_equal(got.numpy(), want)
+        assert got.dtype == torch.from_numpy(want).dtype
+
+
+def test_same_rows_trusts_the_same_memory_and_compares_values_otherwise():
+    import torch
+
+    from zoo_torch.optim import _same_rows
+
+    a = torch.arange(12, dtype=torch.int64).reshape(3, 4)
+    flat = a.reshape(-1)
+    assert _same_rows(flat, a.view(-1))                          # the same memory: no values read
+    assert _same_rows(flat, flat.clone())                        # equal values in other memory (CPU)
+    assert not _same_rows(flat, flat.clone().add_(1))
+    assert not _same_rows(flat, flat[:6]) and not _same_rows(flat, flat.to(torch.int32))
+    col, head = a[:, 0], flat[:3]                                # same address and shape, other strides
+    assert col.data_ptr() == head.data_ptr() and not _same_rows(col, head)
 
 
 def test_row_plan_of_an_empty_batch():
