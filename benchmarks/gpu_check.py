@@ -78,7 +78,7 @@ def check_loader(data: str, dev) -> dict:
 
 
 def _train(name, schema, w0, oc, batches, dev, float64=False):
-    """``steps`` TrainSteps from ``w0`` on ``batches`` (a list) on ``dev``: (weights, first logits, model)."""
+    """One TrainStep per batch of ``batches`` (a list) from ``w0`` on ``dev``: (weights, first logits, model)."""
     m = zoo_torch.build_model(name, schema, **small_config(name, **TRAIN_CONFIG))
     zoo_torch.set_weights(m, w0)
     m = m.to(dev)
