@@ -43,6 +43,7 @@ import zoo_torch  # noqa: E402
 from common.batching import categorical_offsets, row_plan  # noqa: E402
 from common.metrics import auc  # noqa: E402
 from conftest import subprocess_env, write_random_dataset  # noqa: E402
+from test_distributed import FLAGS as DIST_FLAGS, STEPS as DIST_STEPS, _final_weights as final_weights  # noqa: E402
 from parity_base import (SENSITIVITY_FACTOR, TRAIN_CONFIG, WEIGHT_CAP, random_weights, rel,  # noqa: E402
                          small_config, to_float64)
 from zoo_torch import data as zdata  # noqa: E402
@@ -141,27 +142,21 @@ def check_zoo(data: str, dev, steps: int) -> dict:
 
 
 def check_entry_point(data: str, tmp: str) -> dict:
-    from common.train_utils import list_checkpoints, read_checkpoint, split_prefix
-
-    flags = ["--model", "DeepFM", "--mlp", "32,16", "--embed_size", "8", "--batch_size", "64", "--max_steps",
-             "20", "--optimizer", "Adagrad", "--lr", "0.05", "--l2", "1e-4", "--l2_embedding", "1e-4",
-             "--eval_every", "0", "--checkpoint_every", "0", "--noprogress", "--threads", "1", "--seed", "3"]
     res, weights = {}, {}
     for where, extra in (("cpu", []), ("gpu", ["--gpu_ids", "0"])):
         out = os.path.join(tmp, f"entry-{where}")
         p = subprocess.run([sys.executable, os.path.join(ROOT, "train_example_pytorch.py"), "--data", data,
-                            "--model_save_dir", out, *flags, *extra], capture_output=True, text=True,
+                            "--model_save_dir", out, *DIST_FLAGS, *extra], capture_output=True, text=True,
                            env=subprocess_env(pathlib.Path(tmp)), timeout=600)
         if p.returncode:
             return dict(status="FAIL", where=where, stderr=p.stderr[-3000:])
         res[where] = json.loads(p.stdout.strip().splitlines()[-1])
-        step, path = list_checkpoints(out)[-1]
-        weights[where] = split_prefix(read_checkpoint(path)[0], "w/")
+        weights[where] = final_weights(out)
     cross = {k: rel(weights["cpu"][k], weights["gpu"][k]) for k in weights["cpu"]}
     w_name = max(cross, key=cross.get)
     w_rel = cross[w_name]
     dev = res["gpu"].get("device", "")
-    ok = w_rel <= ENTRY_TOL and "cuda" in str(dev) and res["gpu"]["steps"] == 20
+    ok = w_rel <= ENTRY_TOL and "cuda" in str(dev) and res["gpu"]["steps"] == DIST_STEPS
     return dict(status="pass" if ok else "FAIL", weight_rel=w_rel, worst=w_name, device=dev,
                 test_auc_cpu=res["cpu"]["test_auc"], test_auc_gpu=res["gpu"]["test_auc"])
 

@@ -332,7 +332,7 @@ def run_spec(args, model: str, cfg: dict, data_dir: str, npy_dir: str | None, vo
 # ==============================================================================================
 # our child runs (``--child SPEC RESULT``): imports torch or tensorflow, never both
 def _ours_torch(spec: dict) -> dict:
-    from common.runtime import configure_process, evaluation_memory
+    from common.runtime import configure_process
 
     tuning = configure_process()           # what train_example_pytorch.py does first
     import torch
@@ -347,7 +347,7 @@ def _ours_torch(spec: dict) -> dict:
     from zoo_torch import data as zdata
     from zoo_torch.losses import get_loss
     from zoo_torch.optim import build_optimizer, make_optimizer_config
-    from zoo_torch.step import TrainStep
+    from zoo_torch.step import TrainStep, predict
     from common.schema import Schema
 
     device = torch.device(spec["device"])
@@ -389,13 +389,8 @@ def _ours_torch(spec: dict) -> dict:
     if on_gpu:
         res["gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
 
-    model.eval()
-    probs, labels = [], []
-    with torch.inference_mode(), evaluation_memory():      # as our evaluation loops (common/runtime.py)
-        for b in zdata.batches(data_dir, "valid", batch_size=B, shuffle=False, device=device):
-            labels.append(b["label"].cpu().numpy())
-            probs.append(torch.sigmoid(model(b)).float().cpu().numpy())
-    res.update(_bench.valid_metrics(np.concatenate(labels), np.concatenate(probs)))
+    probs, labels = predict(model, zdata.batches(data_dir, "valid", batch_size=B, shuffle=False, device=device))
+    res.update(_bench.valid_metrics(labels, probs))
     return res
 
 

@@ -140,19 +140,20 @@ def field_slices(schema: Schema) -> dict[str, tuple[str, object]]:
     return out
 
 
-def unpack(schema: Schema, packed: dict, convert=lambda a: a) -> dict:
-    """Packed arrays -> ``{field name: array, "label": [b] float32}`` via ``convert``.
+def unpack(schema: Schema, packed: dict, convert=lambda a: a, contiguous=np.ascontiguousarray) -> dict:
+    """Packed arrays -> ``{field name: array, "label": [b] float32}`` via ``convert(contiguous(column))``.
 
     Categorical fields are int32 ``[b]``, numeric float32 ``[b]``, sequence
     int32 ``[b, max_len]``.  ``prob`` (synthetic true probability) is passed
-    through when present.
+    through when present.  ``packed`` may hold tensors (zoo_torch's GPU loader
+    passes GPU tensors with ``contiguous=torch.Tensor.contiguous``).
     """
     out = {}
     for name, (arr, idx) in field_slices(schema).items():
-        out[name] = convert(np.ascontiguousarray(packed[arr][:, idx]))
-    out["label"] = convert(np.ascontiguousarray(packed["label"][:, 0]))
+        out[name] = convert(contiguous(packed[arr][:, idx]))
+    out["label"] = convert(contiguous(packed["label"][:, 0]))
     if "prob" in packed:
-        out["prob"] = convert(np.ascontiguousarray(packed["prob"][:, 0]))
+        out["prob"] = convert(contiguous(packed["prob"][:, 0]))
     return out
 
 

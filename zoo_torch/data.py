@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from common.batching import (categorical_offsets, field_slices, iter_packed, num_batches, open_dataset, prefetch,
-                             row_plan, unpack)
+from common.batching import categorical_offsets, iter_packed, num_batches, open_dataset, prefetch, row_plan, unpack
 
 
 class Batch(dict):
@@ -85,15 +84,14 @@ class Batches:
         offsets, key = self._offsets_and_key()
         with torch.cuda.stream(side):
             offs = torch.from_numpy(offsets).to(dev) if offsets is not None else None
-        slices = field_slices(self.schema)
         for packed in iter_packed(self.store, epoch=self.epoch, start_batch=self.start_batch, **self.kw):
             with torch.cuda.stream(side):
-                batch = self._cuda_batch(packed, slices, offs, key)
+                batch = self._cuda_batch(packed, offs, key)
                 done = torch.cuda.Event()
                 done.record(side)
             yield batch, done
 
-    def _cuda_batch(self, packed, slices, offs, key) -> Batch:
+    def _cuda_batch(self, packed, offs, key) -> Batch:
         from zoo_torch.optim import sort_runs_torch
 
         g = {}
@@ -101,15 +99,11 @@ class Batches:
             pinned = torch.empty(a.shape, dtype=_TORCH_DTYPES[a.dtype.str[1:]], pin_memory=True)
             pinned.numpy()[...] = a
             g[name] = pinned.to(self.device, non_blocking=True)
-        cols = {x: g[x].t().contiguous() for x in ("cat", "num") if x in g}   # each field a contiguous row
-        batch = Batch()
-        for name, (arr, idx) in slices.items():
-            batch[name] = cols[arr][idx] if arr in cols else g[arr][:, idx].contiguous()
-        batch["label"] = g["label"][:, 0]
-        if "prob" in g:
-            batch["prob"] = g["prob"][:, 0]
+        # one transposing copy stores cat / num column-major: every field's column is then a contiguous view
+        cols = {x: (t.t().contiguous().t() if x in ("cat", "num") else t) for x, t in g.items()}
+        batch = Batch(unpack(self.schema, cols, contiguous=torch.Tensor.contiguous))
         if offs is not None:
-            rows = g["cat"].to(torch.int64) + offs
+            rows = g["cat"].to(torch.int64) + offs          # row-major, as the CPU loader's rows
             batch.cat_rows, batch.row_key = rows, key
             batch.row_sort = sort_runs_torch(rows.view(-1))
         return batch

@@ -36,12 +36,11 @@ from common.errors import FlagError, cli_errors
 from common.flags import check_gpu_ids
 from common.metrics import auc, logloss
 from common.optim import make_optimizer_config
-from common.runtime import evaluation_memory
 from common.train_utils import Backend, TrainArgs, result_line, run_training, split_prefix
 from zoo_torch.data import batches
 from zoo_torch.losses import get_loss
 from zoo_torch.optim import build_optimizer
-from zoo_torch.step import TrainStep
+from zoo_torch.step import TrainStep, predict as predict_batches
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -211,15 +210,9 @@ class TorchBackend(Backend):
     def steps_per_epoch(self) -> int:
         return num_batches(self.store.rows("train"), self.args.batch_size, False)
 
-    def _to_device(self, batch: dict) -> dict:
-        if batch["label"].device == self.device:       # the loaders deliver on self.device
-            return batch
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
     def train_batches(self, epoch: int, start_batch: int):
         self.train_loader.set_epoch(epoch, start_batch)
-        for b in self.train_loader:
-            yield self._to_device(b)
+        yield from self.train_loader          # delivered on self.device by the loader
 
     def train_step(self, item):
         return self.step(item)
@@ -239,20 +232,7 @@ class TorchBackend(Backend):
         return self._eval_loaders[split]
 
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        model = self.model
-        was = model.training
-        model.eval()
-        probs, labels = [], []
-        try:
-            with torch.inference_mode(), evaluation_memory():
-                for b in self._eval_loader(split):
-                    labels.append(b["label"].cpu().numpy())
-                    probs.append(torch.sigmoid(model(self._to_device(b))).float().cpu().numpy())
-        finally:
-            model.train(was)
-        if not probs:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(probs), np.concatenate(labels)
+        return predict_batches(self.model, self._eval_loader(split))
 
     def evaluate(self, split: str, collective: bool = True) -> dict:
         res = None
