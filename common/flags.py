@@ -39,7 +39,7 @@ EXPORT_FORMATS = ("torchscript", "onnx", "saved_model")
 TRAINER_FLAGS = ("model", "data", "epochs", "batch_size", "optimizer", "loss", "lr", "embed_size", "l2", "l2_embedding",
                  "gpu_ids", "model_save_dir", "seed", "patience", "eval_every", "checkpoint_every", "cpu_replicas",
                  "max_steps", "lr_decay_factor", "lr_decay_patience", "min_lr", "keep_checkpoints",
-                 "eval_batch_size", "resume", "progress", "export", "threads")
+                 "eval_batch_size", "resume", "progress", "export", "threads", "compile")
 
 
 def define_flags(fv: flags.FlagValues | None = None) -> flags.FlagValues:
@@ -83,6 +83,9 @@ def define_flags(fv: flags.FlagValues | None = None) -> flags.FlagValues:
     flags.DEFINE_string("export", "", f"export the best model at the end: comma list of {', '.join(EXPORT_FORMATS)} "
                                       "(torchscript/onnx: PyTorch, saved_model: TensorFlow)", **d)
     flags.DEFINE_integer("threads", 0, "intra-op CPU threads (0: the framework's default)", **d)
+    flags.DEFINE_boolean("compile", False, "PyTorch on the CPU: train under torch.compile -- Inductor fuses the "
+                         "element-wise work around the GEMMs (DeepFM about 5 percent faster); the first step compiles for "
+                         "10-30 s; needs a C++ compiler, else training stays eager", **d)
     define_search_flags(fv)
     for name, (kind, helptext) in model_flag_specs().items():
         if name in TRAINER_FLAGS or name in fv:
@@ -264,6 +267,11 @@ def validate(fv: flags.FlagValues, backend: str, check_data: bool = True) -> Tra
     if fv.cpu_replicas > 1 and backend != "tensorflow":
         raise FlagError("cpu_replicas", "only the TensorFlow trainer has logical CPU replicas "
                                         "(PyTorch: launch several processes with torchrun)")
+    if fv.compile and backend != "pytorch":
+        raise FlagError("compile", "only the PyTorch trainer compiles (TensorFlow already runs each step as "
+                                   "one tf.function graph)")
+    if fv.compile and gpu_ids:
+        raise FlagError("compile", "torch.compile training is verified on the CPU only; leave --gpu_ids empty")
     exports = [x.strip().lower() for x in (fv.export or "").split(",") if x.strip()]
     allowed = ("torchscript", "onnx") if backend == "pytorch" else ("saved_model",)
     for x in exports:
@@ -301,6 +309,8 @@ def validate(fv: flags.FlagValues, backend: str, check_data: bool = True) -> Tra
         raise FlagError("model", f"bad options for {entry.name}: {exc}") from None
 
     search = validate_search(fv, entry.name)
+    if fv.compile and search is not None:
+        raise FlagError("compile", "not with --search_loss / --search_arch (the searches train eagerly)")
     data = fv.data
     if data:
         data = os.path.abspath(os.path.expanduser(data))
@@ -315,6 +325,7 @@ def validate(fv: flags.FlagValues, backend: str, check_data: bool = True) -> Tra
                      lr_decay_patience=fv.lr_decay_patience, min_lr=float(fv.min_lr),
                      keep_checkpoints=fv.keep_checkpoints, eval_batch_size=fv.eval_batch_size,
                      resume=bool(fv.resume), progress=bool(fv.progress), export=exports, threads=fv.threads,
+                     compile=bool(fv.compile),
                      search=search.to_dict() if search is not None else None)
     from common.train_utils import check_save_dir
 

@@ -93,6 +93,7 @@ class TrainArgs:
     progress: bool = True
     export: list = field(default_factory=list)
     threads: int = 0
+    compile: bool = False             # PyTorch: train under torch.compile (zoo_torch.step.CompiledForward)
     search: dict | None = None        # common.search_flags.SearchArgs.to_dict() for --search_loss / --search_arch
 
     def to_dict(self) -> dict:

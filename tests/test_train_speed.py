@@ -42,5 +42,10 @@ def test_train_speed_ours_only_writes_json_and_table(tmp_path):
     rows = sum(f.vocab_size for f in Schema.load(str(tmp_path / "data")).categorical)
     assert runs[("AutoInt", "torch")]["params"] == rows * 16 + 3 * 4 * 16 * 16 + 6 * 16 + 1 + rows + 1
     table = out.with_suffix(".md").read_text()
-    assert "| DeepFM | ours (torch)" in table and "| AutoInt | ours (tf)" in table and "head size 8" in table
+    # DeepFM's PyTorch run trains under torch.compile by default (--torch_compile), AutoInt's eagerly
+    assert runs[("DeepFM", "torch")]["torch_compile"] is True and runs[("AutoInt", "torch")]["torch_compile"] is False
+    assert r["settings"]["torch_compile"] == ["DeepFM"]
+    assert "| DeepFM | ours (torch, compiled)" in table and "| AutoInt | ours (torch) |" in table
+    assert "| AutoInt | ours (tf)" in table and "head size 8" in table
+    assert "runs under torch.compile (`--torch_compile`, label \"compiled\"): DeepFM" in table
     assert "(AutoInt: attention + first-order term, head size 8)" in table

@@ -165,6 +165,9 @@ class TorchBackend(Backend):
         else:
             self.device = torch.device("cpu")
         self.devices = str(self.device) + (f" (DataParallel over GPUs {self.dp_ids})" if self.dp_ids else "")
+        if args.compile and (self.world_size > 1 or self.device.type != "cpu"):
+            raise FlagError("compile", "torch.compile training is verified on one CPU process only; "
+                                       "drop --compile for GPUs or torchrun")
         if self.dp_ids and args.model_config.get("l2_embedding"):
             raise FlagError("l2_embedding", "is not supported with nn.DataParallel (several --gpu_ids in one "
                                             "process); launch one process per GPU with torchrun instead")
@@ -200,7 +203,9 @@ class TorchBackend(Backend):
         if self.world_size > 1:
             named = dict(self.model.named_parameters())
             opt = SparseGradSync(self.optimizer, [named[n] for n in self.sparse], self.world_size)
-        self.step = TrainStep(self.model, opt, loss_fn, forward=forward)
+        self.step = TrainStep(self.model, opt, loss_fn, forward=forward, compile=args.compile)
+        if getattr(self.step.forward, "active", False):
+            self.devices += " (torch.compile)"
         self.train_loader = batches(args.data, "train", args.batch_size, shuffle=True, seed=args.seed,
                                     rank=self.rank, world_size=self.world_size, device=self.device)
         self.eval_bs = args.eval_batch_size or args.batch_size

@@ -25,6 +25,13 @@ ACTIVATIONS = {
 }
 
 
+def hand_written_backward() -> bool:
+    """May a layer use its hand-written ``autograd.Function`` now?  Not while ``torch.jit`` traces or
+    scripts (ONNX export), nor under ``torch.compile``, which derives the backward of the plain formula
+    itself and fuses it with its neighbours (a hand-written backward is opaque to that fusion)."""
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]

@@ -47,6 +47,10 @@ class FieldIndex:
 class FeatureEmbedding(Module):
     """[B, F, d] field embeddings; ``weight`` is the offset table [total_vocab, d] (sparse grads)."""
 
+    # runs eagerly inside a torch.compile'd model (zoo_torch.step.CompiledForward): the lookups'
+    # row-sparse gradients and the loader's row plan (publish_row_sort) are what the optimiser uses
+    eager_under_compile = True
+
     def __init__(self, schema, dim: int, init_std: float = 1e-4, sparse: bool = True):
         super().__init__()
         self.index = FieldIndex(schema)

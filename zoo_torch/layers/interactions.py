@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo_torch.layers.base import Module
+from zoo_torch.layers.base import Module, hand_written_backward
 
 
 class FMInteraction(Module):
@@ -18,9 +18,9 @@ class FMInteraction(Module):
 
     def forward(self, e):
         if self.reduce_sum:
-            if e.requires_grad and not torch.jit.is_tracing() and not torch.jit.is_scripting():
-                return _FMSum.apply(e)                 # training: closed-form backward
-            return _fm_sum(e)[0]                       # inference / export: the same formula, traceable
+            if e.requires_grad and hand_written_backward():
+                return _FMSum.apply(e)                 # eager training: closed-form backward
+            return _fm_sum(e)[0]                       # inference / export / torch.compile: the same formula
         s = e.sum(1)
         return 0.5 * (s * s - (e * e).sum(1))
 
@@ -31,7 +31,7 @@ class FMInteraction(Module):
         gradient folded in as ``G - g e + g s`` in two passes.  Autograd would instead write the FM
         gradient to a fresh [B, F, d] tensor and then add the two gradients out of place.
         """
-        if self.reduce_sum and e.requires_grad and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+        if self.reduce_sum and e.requires_grad and hand_written_backward():
             return _FMShare.apply(e)
         return self(e), e
 

@@ -20,6 +20,6 @@ class DeepFM(CTRModel):
         self.dnn = MLP(schema.num_fields * c.embed_size, c.mlp, c.activation, c.dropout, c.batch_norm, out_dim=1)
 
     def forward(self, batch):
-        e = self.embedding(batch)
+        y_lin, e = self.linear(batch), self.embedding(batch)   # the table lookups first: under torch.compile
         y_fm, e = self.fm.share(e)            # the DNN reads the same e (FM gradient folded into its own)
-        return self.linear(batch) + y_fm + self.dnn(e.flatten(1)).squeeze(-1)
+        return y_lin + y_fm + self.dnn(e.flatten(1)).squeeze(-1)   # ... all that follows is one fused graph
