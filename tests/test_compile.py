@@ -11,7 +11,7 @@ import zoo_torch
 from common.errors import FlagError
 from common.flags import parse_args
 from common.schema import Schema
-from tests.parity_base import random_weights, rel, small_config
+from parity_base import random_weights, rel, small_config
 from zoo_torch import data as zdata
 from zoo_torch import step as zstep
 from zoo_torch.losses import get_loss

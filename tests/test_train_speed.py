@@ -49,3 +49,17 @@ def test_train_speed_ours_only_writes_json_and_table(tmp_path):
     assert "| AutoInt | ours (tf)" in table and "head size 8" in table
     assert "runs under torch.compile (`--torch_compile`, label \"compiled\"): DeepFM" in table
     assert "(AutoInt: attention + first-order term, head size 8)" in table
+
+
+def test_mlp_ceiling_writes_its_json(tmp_path):
+    out = tmp_path / "ceiling.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mlp_ceiling.py"), "--fields", "3",
+                        "--embed_size", "4", "--mlp", "8,8", "--batch_size", "64", "--threads", "1", "--warmup", "1",
+                        "--window", "2", "--windows", "3", "--out", str(out)],
+                       capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["dims"] == [12, 8, 8, 1] and len(r["windows"]) == 3 and r["rows_per_s"] > 0
+    assert r["flop_per_row"] == 6 * (12 * 8 + 8 * 8 + 8 * 1)
+    assert abs(r["gflop_per_s"] - r["rows_per_s"] * r["flop_per_row"] / 1e9) < 1e-9
+    assert not (tmp_path / "ceiling.json.tmp").exists()
