@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "mlp_ceiling.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
+    from common.io import atomic_write_text
     from common.runtime import configure_process
 
     configure_process()
@@ -70,11 +71,7 @@ def main(argv=None) -> int:
     res = dict(what="forward + backward + fused Adam of the DeepFM MLP alone", dims=dims + [1], batch_size=B,
                threads=args.threads, torch=torch.__version__, rows_per_s=med, windows=rates,
                gflop_per_s=med * flop_per_row / 1e9, flop_per_row=flop_per_row)
-    tmp = args.out + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: res[k] for k in ("rows_per_s", "gflop_per_s")}))
     return 0
 

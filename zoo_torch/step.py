@@ -19,6 +19,7 @@ the gradients the optimiser sees are the same row-sparse tensors.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -32,11 +33,10 @@ from zoo_torch.optim import unwrap
 def cxx_compiler() -> str | None:
     """The C++ compiler Inductor's CPU code needs (``$CXX``, else ``g++`` / ``c++`` / ``clang++`` on
     the PATH), or None."""
-    import os
-
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 

@@ -28,7 +28,9 @@ ACTIVATIONS = {
 def hand_written_backward() -> bool:
     """May a layer use its hand-written ``autograd.Function`` now?  Not while ``torch.jit`` traces or
     scripts (ONNX export), nor under ``torch.compile``, which derives the backward of the plain formula
-    itself and fuses it with its neighbours (a hand-written backward is opaque to that fusion)."""
+    itself and fuses it with its neighbours (a hand-written backward is opaque to that fusion).
+    The FM term follows this rule.  CIN and self-attention keep theirs under ``torch.compile`` (CIN's
+    saves memory, not time) and only give them up for ``torch.jit``."""
     return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
 
 
