@@ -594,6 +594,9 @@ def machine_info() -> dict:
     return info
 
 
+COMPILED_BY_DEFAULT = ("DeepFM",)     # --torch_compile's default: where compiling measured faster
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -616,9 +619,9 @@ def parse_args(argv=None):
     ap.add_argument("--optimizer", default="LazyAdam", help="our optimiser (peers: their Adam)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--torch_compile", default="DeepFM",
+    ap.add_argument("--torch_compile", default=None,
                     help="our PyTorch runs of these models train under torch.compile (TrainStep(compile=True)): "
-                         "comma list, 'all' or 'none' (default: %(default)s -- where it measured faster on "
+                         "comma list, 'all' or 'none' (default: DeepFM when --models runs it -- where it measured faster on "
                          "this machine: DeepFM +5-6 %%, DCN +2 %%, AutoInt -28 %%).  CPU only; the first "
                          "compiled step (10-30 s) falls in the warm-up")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for every runner")
@@ -669,9 +672,13 @@ def parse_args(argv=None):
             ap.error(f"unknown peer(s) {bad}; choose from {', '.join(PEERS)}")
     if cuda:   # the GPU run measures our PyTorch side only
         args.backends, args.peers = ["torch"], []
-    tc = args.torch_compile.strip()
+    tc = args.torch_compile.strip() if args.torch_compile is not None else \
+        ",".join(m for m in args.models if m in COMPILED_BY_DEFAULT)
     args.torch_compile = [] if cuda or tc in ("none", "") else \
         (list(args.models) if tc == "all" else [m.strip() for m in tc.split(",") if m.strip()])
+    bad = sorted(set(args.torch_compile) - set(args.models))
+    if bad:
+        ap.error(f"--torch_compile names {bad}, which --models does not run ({', '.join(args.models)})")
     args.mlp = [int(x) for x in args.mlp.split(",") if x.strip()]
     return args
 

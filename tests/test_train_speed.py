@@ -63,3 +63,23 @@ def test_mlp_ceiling_writes_its_json(tmp_path):
     assert r["flop_per_row"] == 6 * (12 * 8 + 8 * 8 + 8 * 1)
     assert abs(r["gflop_per_s"] - r["rows_per_s"] * r["flop_per_row"] / 1e9) < 1e-9
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]     # written atomically
+
+
+def test_torch_compile_must_name_models_the_run_has(tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, "--models", "AutoInt", "--torch_compile", "DeepFM", "--peers", "none",
+                        "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                       env=subprocess_env(tmp_path), timeout=120, cwd=ROOT)
+    assert p.returncode == 2
+    assert "--torch_compile names ['DeepFM'], which --models does not run (AutoInt)" in p.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_torch_compile_default_is_deepfm_where_it_runs():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import train_speed
+
+    assert train_speed.parse_args(["--models", "AutoInt,DCN"]).torch_compile == []
+    assert train_speed.parse_args(["--models", "DCN,DeepFM"]).torch_compile == ["DeepFM"]
+    assert train_speed.parse_args(["--models", "DCN,DeepFM", "--torch_compile", "all"]).torch_compile == ["DCN", "DeepFM"]
+    assert train_speed.parse_args(["--models", "DeepFM", "--torch_compile", "none"]).torch_compile == []
+    assert train_speed.parse_args(["--models", "DeepFM", "--device", "cuda"]).torch_compile == []
